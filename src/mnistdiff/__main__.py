@@ -1,0 +1,7 @@
+"""``python -m mnistdiff`` (and ``torchrun -m mnistdiff``) runs the CLI."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

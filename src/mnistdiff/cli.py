@@ -1,0 +1,313 @@
+"""Command line: ``mnistdiff <command>``. Each command parses arguments and calls one function.
+
+User errors exit non-zero with a one-line cause on stderr (no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import __version__
+
+COMMON_FLAGS = {  # flag dest -> config key
+    "epochs": "train.epochs",
+    "steps": "train.steps",
+    "batch_size": "train.batch_size",
+    "lr": "train.lr",
+    "run_dir": "train.run_dir",
+    "device": "train.device",
+    "seed": "train.seed",
+    "precision": "train.precision",
+    "model_type": "model.type",
+    "data_dir": "data.data_dir",
+    "dataset": "data.dataset",
+}
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config file (default: built-in defaults)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override, e.g. --set train.lr=3e-4 (repeatable)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--steps", type=int, help="total optimizer steps (beats --epochs)")
+    p.add_argument("--batch-size", type=int, help="global batch size")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--run-dir", help="output directory (default runs/<config name>)")
+    p.add_argument("--device", help="auto | cpu | cuda[:N] | mps")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--model-type", type=str.lower, choices=["unet", "dit"])
+    p.add_argument("--data-dir", help="folder with the IDX files (else $MNIST_DIR or cache)")
+    p.add_argument("--dataset", choices=["mnist", "fashion_mnist", "kmnist"])
+
+
+def resolve_config(args: argparse.Namespace):
+    """Config file + common flags + ``--set`` overrides (later wins), validated."""
+    from .config import apply_overrides, from_dict, load_yaml
+    from .train import default_run_dir
+
+    data = load_yaml(args.config) if args.config else {}
+    flags = {key: getattr(args, dest) for dest, key in COMMON_FLAGS.items()
+             if getattr(args, dest, None) is not None}
+    data = apply_overrides(data, flags)
+    data = apply_overrides(data, args.overrides)
+    data.setdefault("train", {})
+    if data["train"].get("run_dir") is None:
+        data["train"]["run_dir"] = default_run_dir(args.config)
+    return from_dict(data)
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_config(args) -> int:
+    from .config import dump_yaml
+
+    print(dump_yaml(resolve_config(args)), end="")
+    return 0
+
+
+def cmd_data(args) -> int:
+    from .data import dataset_stats, get_dataset_info, load_dataset
+    from .images import save_grid
+    from .sample import label_tensor
+
+    arrays = load_dataset(args.dataset, args.data_dir, download=not args.no_download)
+    stats = dataset_stats(arrays)
+    for split, s in stats.items():
+        print(f"{split}: {s['count']} images, pixel mean {s['pixel_mean_01']:.4f} "
+              f"std {s['pixel_std_01']:.4f} (in [0,1]); labels {s['label_hist']}")
+    info = get_dataset_info(args.dataset)
+    labels = label_tensor(per_class=args.per_class, num_classes=info.num_classes)
+    picks = [int((arrays.train_labels == c).nonzero()[i]) for c, i in
+             zip(labels.tolist(), list(range(args.per_class)) * info.num_classes, strict=True)]
+    path = save_grid(arrays.train_images[picks], args.out, nrow=args.per_class, scale=2)
+    print(f"wrote {path} (one row per class: {', '.join(info.classes)})")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .train import train
+
+    cfg = resolve_config(args)
+    train(cfg, resume=args.resume, stop_after_steps=args.stop_after_steps)
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from .images import save_gif, save_grid, make_grid
+    from .sample import Pipeline, label_tensor
+
+    pipe = Pipeline.load(args.checkpoint, device=args.device or "auto", use_ema=not args.no_ema)
+    n_cls = pipe.spec.num_classes
+    if args.unconditional or not pipe.conditional:
+        labels, num, nrow = None, args.num or 64, 8
+    elif args.per_class:
+        labels = label_tensor(per_class=args.per_class, num_classes=n_cls)
+        num, nrow = len(labels), args.per_class
+    else:
+        digits = [int(d) for d in args.digits.split(",")] if args.digits else None
+        labels = label_tensor(digits, num=args.num, num_classes=n_cls)
+        num = len(labels)
+        nrow = num // len(set(labels.tolist())) if digits else max(1, num // n_cls)
+    frames = []
+
+    def keep_frames(i, x_t, x0_hat):
+        frames.append(make_grid(pipe.to_uint8(x_t[:num].clamp(-1, 1)), nrow=nrow))
+
+    out = pipe.generate(labels, num, seed=args.seed, batch_size=args.batch_size, progress=True,
+                        callback=keep_frames if args.gif else None, sampler=args.sampler,
+                        steps=args.steps, nfe=args.nfe, guidance=args.guidance, eta=args.eta,
+                        grid=args.grid, threshold=args.threshold)
+    images = pipe.to_uint8(out.x)
+    save_grid(images, args.out, nrow=nrow, scale=2)
+    print(f"wrote {args.out} ({num} images, sampler {args.sampler or pipe.cfg.sample.sampler}, "
+          f"NFE {out.nfe} per image)")
+    if args.save_npz:
+        from .sample import save_npz
+
+        save_npz(args.save_npz, images, out.labels)
+        print(f"wrote {args.save_npz}")
+    if args.gif:
+        frames.append(make_grid(images, nrow=nrow))
+        save_gif(frames, args.gif, scale=2)
+        print(f"wrote {args.gif} ({len(frames)} frames)")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .checkpoint import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.out)
+    print(f"wrote {out}/config.json and {out}/model.safetensors")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .info import model_info
+
+    cfg = resolve_config(args) if args.checkpoint is None else None
+    report = model_info(cfg, checkpoint=args.checkpoint)
+    for key, value in report.items():
+        print(f"{key}: {value}")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from .tracking import plot_loss_curves, read_metrics
+
+    history = read_metrics(Path(args.run_dir))
+    if not history:
+        raise FileNotFoundError(f"{args.run_dir}: no metrics.jsonl to plot")
+    out = plot_loss_curves(history, Path(args.out or Path(args.run_dir) / "loss_curves.png"))
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import run_evaluate_cli
+
+    return run_evaluate_cli(args)
+
+
+def cmd_train_evaluator(args) -> int:
+    from .evaluator import train_evaluator
+
+    meta = train_evaluator(args.out, data_dir=args.data_dir, epochs=args.epochs, seed=args.seed)
+    print(json.dumps(meta, indent=2))
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mnistdiff",
+        description="Train, sample and evaluate diffusion models on MNIST.")
+    parser.add_argument("--version", action="version", version=f"mnistdiff {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("data", help="download/verify the data, print statistics, write a grid")
+    p.add_argument("--dataset", default="mnist", choices=["mnist", "fashion_mnist", "kmnist"])
+    p.add_argument("--data-dir", help="folder with the IDX files (else $MNIST_DIR or cache)")
+    p.add_argument("--no-download", action="store_true", help="fail instead of downloading")
+    p.add_argument("--per-class", type=int, default=10, help="images per class in the grid")
+    p.add_argument("--out", default="real_digits.png", help="PNG grid path")
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("config", help="print the resolved config (file + overrides)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("train", help="train a model")
+    _add_config_args(p)
+    p.add_argument("--resume", help="'auto' (continue the run directory) or a checkpoint path")
+    p.add_argument("--stop-after-steps", type=int,
+                   help="stop this invocation after N optimizer steps, with a checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="generate images from a checkpoint, run or export")
+    p.add_argument("--checkpoint", required=True, help="checkpoint file, run dir or export dir")
+    _add_sampling_args(p)
+    p.add_argument("--digits", help="comma-separated classes, e.g. 3,7")
+    p.add_argument("--per-class", type=int, help="a grid with N images of every class")
+    p.add_argument("--num", type=int, help="number of images")
+    p.add_argument("--unconditional", action="store_true")
+    p.add_argument("--out", default="samples.png", help="PNG grid path")
+    p.add_argument("--save-npz", help="also write images+labels as .npz")
+    p.add_argument("--gif", help="animated GIF of the denoising trajectory")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("export", help="write config.json + model.safetensors (EMA weights)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("info", help="parameter count and FLOPs of a config or checkpoint")
+    _add_config_args(p)
+    p.add_argument("--checkpoint", help="report on a checkpoint/run/export instead")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("plot", help="redraw loss_curves.png of a run")
+    p.add_argument("run_dir")
+    p.add_argument("--out")
+    p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("evaluate", help="FD/KID/precision/recall/class accuracy, sweeps")
+    from .evaluate import add_evaluate_args
+
+    add_evaluate_args(p, _add_sampling_args)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("train-evaluator", help="train the MNIST feature network for metrics")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--data-dir")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_train_evaluator)
+    return parser
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sampler", help="ddpm | ddim | euler | heun | dpmpp_2m | ...")
+    p.add_argument("--steps", type=int, help="sampler steps")
+    p.add_argument("--nfe", type=int, help="pick the steps giving this many network evaluations")
+    p.add_argument("--guidance", type=float, help="CFG scale w (u + w(c-u)); 1 = conditional")
+    p.add_argument("--eta", type=float, help="DDIM eta")
+    p.add_argument("--grid", help="time grid: uniform | logsnr | karras | trailing | ...")
+    p.add_argument("--threshold", help="x0 refinement: none | clip | dynamic")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--device", help="auto | cpu | cuda[:N] | mps")
+    p.add_argument("--no-ema", action="store_true", help="use the raw (non-EMA) weights")
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .data import DataError
+    from .device import DeviceError
+    from .train import TrainingError
+
+    errors = [ConfigError, DataError, CheckpointError, DeviceError, TrainingError,
+              FileNotFoundError, ValueError]
+    try:
+        from .evaluator import EvaluatorError
+
+        errors.append(EvaluatorError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``mnistdiff`` console script."""
+    args = build_parser().parse_args(argv)
+    if getattr(args, "nfe", None) is not None and getattr(args, "steps", None) is not None:
+        print("mnistdiff: error: give --steps or --nfe, not both", file=sys.stderr)
+        return 2
+    from .train import TrainingInterrupted
+
+    try:
+        return args.func(args)
+    except TrainingInterrupted as exc:
+        print(f"mnistdiff: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except _user_errors() as exc:
+        print(f"mnistdiff: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("mnistdiff: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        from .distributed import teardown
+
+        teardown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

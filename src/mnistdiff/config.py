@@ -1,0 +1,334 @@
+"""Typed, frozen, validated configuration.
+
+A config is a tree of frozen dataclasses (``Config`` with sections ``data``, ``model``,
+``diffusion``, ``train``, ``sample``). YAML files and dotted ``key=value`` overrides are merged
+as plain dicts, then converted by :func:`from_dict`, which rejects unknown keys (suggesting the
+nearest valid one), wrong types and out-of-range values with a message naming the key.
+``from_dict(to_dict(cfg)) == cfg`` holds exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .atomic import atomic_write_text
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is invalid; the message names it and what is allowed."""
+
+
+def _opt(default: Any, *, choices: tuple | None = None, lo: float | None = None,
+         hi: float | None = None, help: str = "") -> Any:  # noqa: A002
+    """A dataclass field carrying validation metadata (allowed choices, inclusive range)."""
+    meta = {"choices": choices, "lo": lo, "hi": hi, "help": help}
+    if isinstance(default, (list, dict)):
+        raise TypeError("mutable defaults are not allowed; use tuples")
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = _opt("mnist", choices=("mnist", "fashion_mnist", "kmnist"))
+    data_dir: str | None = _opt(None, help="folder with the IDX files; else $MNIST_DIR or cache")
+    download: bool = _opt(True, help="download missing files from the public mirrors")
+    val_size: int = _opt(5000, lo=0, hi=30000, help="held-out training images for validation")
+    pad_to_32: bool = _opt(False, help="zero-pad 28x28 images to 32x32")
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    channels: int = _opt(64, lo=8, hi=1024)
+    channel_mults: tuple[int, ...] = _opt((1, 2, 2), help="one entry per resolution level")
+    num_res_blocks: int = _opt(2, lo=1, hi=8)
+    attention_levels: tuple[int, ...] = _opt((2,), help="level indices with self-attention")
+    num_heads: int = _opt(4, lo=1, hi=64)
+    dropout: float = _opt(0.1, lo=0.0, hi=0.9)
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    size: str = _opt("small", choices=("tiny", "small", "base"), help="named size preset")
+    patch_size: int = _opt(4, choices=(2, 4, 7))
+    width: int | None = _opt(None, lo=16, hi=4096, help="overrides the preset")
+    depth: int | None = _opt(None, lo=1, hi=64, help="overrides the preset")
+    heads: int | None = _opt(None, lo=1, hi=64, help="overrides the preset")
+    mlp_ratio: float = _opt(4.0, lo=0.5, hi=16.0)
+    pos_embed: str = _opt("sincos", choices=("sincos", "learned"))
+    dropout: float = _opt(0.0, lo=0.0, hi=0.9)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    type: str = _opt("unet", choices=("unet", "dit"))
+    conditional: bool = _opt(True, help="class-conditional (with a null label for guidance)")
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    dit: DiTConfig = field(default_factory=DiTConfig)
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    schedule: str = _opt("cosine", choices=("linear", "cosine", "sigmoid", "flow"))
+    prediction: str = _opt("eps", choices=("eps", "x0", "v", "velocity"))
+    num_timesteps: int = _opt(1000, lo=10, hi=100000)
+    loss: str = _opt("mse", choices=("mse", "l1"))
+    min_snr_gamma: float = _opt(0.0, lo=0.0, hi=1000.0, help="0 disables min-SNR weighting")
+    label_dropout: float = _opt(0.1, lo=0.0, hi=1.0, help="p(uncond) for classifier-free guidance")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    run_dir: str | None = _opt(None, help="default: runs/<config name>")
+    seed: int = _opt(0, lo=0, hi=2**31 - 1)
+    epochs: int = _opt(10, lo=1, hi=100000)
+    steps: int | None = _opt(None, lo=1, hi=10**9, help="total optimizer steps; beats epochs")
+    batch_size: int = _opt(128, lo=1, hi=65536, help="global batch size")
+    grad_accum: int = _opt(1, lo=1, hi=1024)
+    lr: float = _opt(2e-4, lo=0.0, hi=1.0)
+    min_lr: float = _opt(0.0, lo=0.0, hi=1.0)
+    lr_schedule: str = _opt("cosine", choices=("cosine", "constant"))
+    warmup_steps: int = _opt(200, lo=0, hi=10**7)
+    weight_decay: float = _opt(0.0, lo=0.0, hi=10.0)
+    adam_beta1: float = _opt(0.9, lo=0.0, hi=1.0)
+    adam_beta2: float = _opt(0.999, lo=0.0, hi=1.0)
+    grad_clip: float = _opt(1.0, lo=0.0, hi=1e6, help="0 disables clipping")
+    ema: bool = _opt(True)
+    ema_decay: float = _opt(0.999, lo=0.0, hi=1.0)
+    ema_half_life: float | None = _opt(None, lo=0.0, hi=1e9, help="steps; overrides ema_decay")
+    ema_start_step: int = _opt(0, lo=0, hi=10**9)
+    precision: str = _opt("bf16", choices=("fp32", "bf16", "fp16"))
+    device: str = _opt("auto", help="auto | cpu | cuda[:N] | mps")
+    num_threads: int | None = _opt(None, lo=1, hi=1024)
+    compile: bool = _opt(False, help="torch.compile the backbone")
+    nonfinite: str = _opt("stop", choices=("stop", "skip"))
+    max_skipped_steps: int = _opt(10, lo=0, hi=10**6)
+    log_every: int = _opt(50, lo=1, hi=10**7, help="steps between metrics.jsonl lines")
+    val_every: int = _opt(0, lo=0, hi=10**9, help="steps; 0 = at the end of each epoch")
+    val_batches: int = _opt(20, lo=0, hi=10**6, help="0 = the whole validation split")
+    preview_every_epochs: int = _opt(1, lo=0, hi=10**6, help="0 disables preview grids")
+    preview_per_class: int = _opt(8, lo=1, hi=64)
+    checkpoint_every: int = _opt(0, lo=0, hi=10**9, help="steps; 0 = at the end of each epoch")
+    keep_last: int = _opt(3, lo=1, hi=1000)
+    eval_every_epochs: int = _opt(0, lo=0, hi=10**6, help="in-training FD; 0 disables")
+    eval_num_samples: int = _opt(1000, lo=10, hi=10**6)
+    best_by: str = _opt("val_loss", choices=("val_loss", "fd_mnist"))
+    tensorboard: bool = _opt(True)
+    progress: bool = _opt(True)
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    sampler: str = _opt("ddim", help="ddpm | ddim | euler | heun | dpmpp_2m | ...")
+    steps: int = _opt(50, lo=1, hi=100000)
+    guidance: float = _opt(2.0, lo=0.0, hi=100.0, help="u + w(c - u); 1 = plain conditional")
+    eta: float = _opt(0.0, lo=0.0, hi=1.0)
+    batch_size: int = _opt(500, lo=1, hi=100000)
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def replace(self, **sections: Any) -> Config:
+        """Return a copy with whole sections replaced."""
+        return dataclasses.replace(self, **sections)
+
+
+# --------------------------------------------------------------------------- conversion
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain nested dict (tuples become lists), suitable for YAML/JSON."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            value = to_dict(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[f.name] = value
+    return out
+
+
+def from_dict(data: dict | None, cls: type = Config, prefix: str = "") -> Any:
+    """Build a validated dataclass from a nested dict; missing keys take their defaults."""
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            raise ConfigError(_unknown_key_message(prefix + str(key), list(fields), prefix))
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in data:
+            continue
+        kwargs[name] = _convert(data[name], hints[name], prefix + name, f.metadata)
+    cfg = cls(**kwargs)
+    _check_consistency(cfg)
+    return cfg
+
+
+def _unknown_key_message(key: str, valid: list[str], prefix: str) -> str:
+    leaf = key[len(prefix):]
+    close = difflib.get_close_matches(leaf, valid, n=1, cutoff=0.5)
+    hint = f" Did you mean '{prefix}{close[0]}'?" if close else ""
+    allowed = ", ".join(prefix + v for v in valid)
+    return f"unknown config key '{key}'.{hint} Allowed keys: {allowed}"
+
+
+def _convert(value: Any, hint: Any, key: str, meta: Any) -> Any:
+    """Check ``value`` against the type ``hint`` and the field's metadata; return it converted."""
+    if dataclasses.is_dataclass(hint):
+        return from_dict(value, hint, key + ".")
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(value, inner, key, meta)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list of {args[0].__name__}, got {value!r}")
+        return tuple(_convert(v, args[0], f"{key}[{i}]", {}) for i, v in enumerate(value))
+    return _check_scalar(value, hint, key, meta)
+
+
+def _check_scalar(value: Any, hint: type, key: str, meta: Any) -> Any:
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    ok = isinstance(value, hint) and not (hint in (int, float) and isinstance(value, bool))
+    if not ok:
+        raise ConfigError(f"{key}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
+    choices = meta.get("choices") if meta else None
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {list(choices)}")
+    lo = meta.get("lo") if meta else None
+    hi = meta.get("hi") if meta else None
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ConfigError(f"{key}: {value!r} is out of range; allowed [{lo}, {hi}]")
+    return value
+
+
+def _check_consistency(cfg: Any) -> None:
+    """Cross-field rules that a single field's metadata cannot express."""
+    if isinstance(cfg, DiffusionConfig):
+        if cfg.prediction == "velocity" and cfg.schedule != "flow":
+            raise ConfigError(
+                "diffusion.prediction: 'velocity' requires diffusion.schedule 'flow' "
+                "(for variance-preserving schedules use 'eps', 'x0' or 'v')"
+            )
+    if isinstance(cfg, UNetConfig):
+        if not cfg.channel_mults:
+            raise ConfigError("model.unet.channel_mults: needs at least one level")
+        bad = [i for i in cfg.attention_levels if not 0 <= i < len(cfg.channel_mults)]
+        if bad:
+            raise ConfigError(
+                f"model.unet.attention_levels: {bad} out of range; levels are "
+                f"0..{len(cfg.channel_mults) - 1} (one per channel_mults entry)"
+            )
+    if isinstance(cfg, TrainConfig) and cfg.batch_size % cfg.grad_accum:
+        raise ConfigError(
+            f"train.batch_size {cfg.batch_size} must be divisible by train.grad_accum "
+            f"{cfg.grad_accum}"
+        )
+
+
+# --------------------------------------------------------------------------- files, overrides
+
+
+def load_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping; clear errors for missing files and bad syntax."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``section.key=value`` (value in YAML syntax) into a key path and a value."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override '{text}': empty key component")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(data: dict, overrides: list[str] | dict[str, Any]) -> dict:
+    """Return a copy of ``data`` with dotted overrides applied (validation comes later)."""
+    import copy
+
+    data = copy.deepcopy(data)
+    items = overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides)
+    for parts, value in items:
+        parts = parts.split(".") if isinstance(parts, str) else parts
+        node = data
+        for p in parts[:-1]:
+            child = node.setdefault(p, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {'.'.join(parts)}: '{p}' is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None
+                ) -> Config:
+    """Load a YAML config (or the defaults), apply overrides, validate."""
+    data = load_yaml(path) if path is not None else {}
+    return from_dict(apply_overrides(data, overrides or []))
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML, atomically."""
+    atomic_write_text(path, dump_yaml(cfg))
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def diff(a: Any, b: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """List ``(key, a_value, b_value)`` for every leaf that differs between two configs."""
+    out = []
+    da, db = (to_dict(x) if dataclasses.is_dataclass(x) else x for x in (a, b))
+    for key in sorted(set(da) | set(db)):
+        va, vb = da.get(key), db.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += diff(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            out.append((prefix + key, va, vb))
+    return out

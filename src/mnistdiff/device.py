@@ -1,0 +1,84 @@
+"""Device and precision selection: CUDA, then Apple MPS, then CPU."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+
+class DeviceError(RuntimeError):
+    """The requested device or precision is not available here."""
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA, then MPS, then CPU; otherwise validate the named device."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if _mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DeviceError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError("device 'cuda' requested but CUDA is not available; use --device cpu")
+    if device.type == "cuda" and device.index is not None:
+        if device.index >= torch.cuda.device_count():
+            raise DeviceError(f"{name}: only {torch.cuda.device_count()} CUDA device(s) present")
+    if device.type == "mps" and not _mps_available():
+        raise DeviceError("device 'mps' requested but Apple MPS is not available")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise DeviceError(f"unsupported device type {device.type!r}; use cpu, cuda or mps")
+    return device
+
+
+def _mps_available() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How to run the forward pass: autocast dtype (None = fp32) and whether to scale grads."""
+
+    name: str
+    autocast_dtype: torch.dtype | None
+    grad_scaler: bool
+
+    def autocast(self, device: torch.device):
+        """The autocast context for ``device`` (a no-op for fp32)."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.autocast_dtype)
+
+
+def select_precision(name: str, device: torch.device) -> Precision:
+    """Resolve ``fp32 | bf16 | fp16`` for ``device``; fp16 uses a GradScaler (CUDA only).
+
+    Parameters stay fp32 in every mode (autocast computes in low precision).
+    """
+    if name == "fp32":
+        return Precision("fp32", None, False)
+    if name == "bf16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise DeviceError("this CUDA device has no bf16 support; use precision fp16 or fp32")
+        return Precision("bf16", torch.bfloat16, False)
+    if name == "fp16":
+        if device.type == "cpu":
+            raise DeviceError("fp16 autocast is for GPUs; on CPU use precision bf16 or fp32")
+        return Precision("fp16", torch.float16, device.type == "cuda")
+    raise DeviceError(f"unknown precision {name!r}; allowed: fp32, bf16, fp16")
+
+
+def describe(device: torch.device, precision: Precision) -> str:
+    """One line for the log: the chosen device and compute dtype."""
+    extra = ""
+    if device.type == "cuda":
+        extra = f" ({torch.cuda.get_device_name(device)})"
+    elif device.type == "cpu":
+        extra = f" ({torch.get_num_threads()} threads)"
+    return f"device: {device}{extra}, precision: {precision.name}"

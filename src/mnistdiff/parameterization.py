@@ -1,0 +1,126 @@
+"""Model parameterizations: eps / x0 / v / flow velocity, and the Denoiser wrapper.
+
+With ``x_t = alpha * x0 + sigma * eps`` a network can predict
+
+* ``eps``: the noise;
+* ``x0``: the clean image;
+* ``v``: ``alpha * eps - sigma * x0`` (Salimans & Ho 2022);
+* ``velocity``: ``d x_t / dt = eps - x0`` for rectified flow (alpha = 1 - t, sigma = t).
+
+This module is the only place that knows these conversions. Formulas are written for general
+(alpha, sigma), so they hold for variance-preserving schedules and for rectified flow alike.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+PREDICTIONS = ("eps", "x0", "v", "velocity")
+
+
+def _check(prediction: str) -> None:
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"unknown prediction {prediction!r}; allowed: {list(PREDICTIONS)}")
+
+
+def prediction_target(prediction: str, x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor
+                      ) -> Tensor:
+    """The regression target of ``prediction`` for clean ``x0`` and noise ``eps``."""
+    _check(prediction)
+    if prediction == "eps":
+        return eps
+    if prediction == "x0":
+        return x0
+    if prediction == "v":
+        return alpha * eps - sigma * x0
+    return eps - x0  # flow velocity: d/dt [(1 - t) x0 + t eps]
+
+
+def x0_from_prediction(prediction: str, pred: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor
+                       ) -> Tensor:
+    """Invert :func:`prediction_target`: the clean-image estimate implied by ``pred``."""
+    _check(prediction)
+    if prediction == "eps":
+        return (x_t - sigma * pred) / alpha
+    if prediction == "x0":
+        return pred
+    if prediction == "v":
+        return (alpha * x_t - sigma * pred) / (alpha**2 + sigma**2)
+    return x_t - sigma * pred  # velocity, with sigma = t
+
+
+def eps_from_x0(x0: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    """The noise implied by a clean-image estimate."""
+    return (x_t - alpha * x0) / sigma
+
+
+def x0_error_scale(prediction: str, alpha: Tensor, sigma: Tensor) -> Tensor:
+    """``c`` with ``x0_hat - x0 = c * (pred - target)``: how a prediction error maps to x0."""
+    _check(prediction)
+    if prediction == "eps":
+        return sigma / alpha
+    if prediction == "x0":
+        return torch.ones_like(alpha)
+    if prediction == "v":
+        return sigma / (alpha**2 + sigma**2)
+    return sigma
+
+
+def min_snr_weight(prediction: str, alpha: Tensor, sigma: Tensor, gamma: float) -> Tensor:
+    """Min-SNR-gamma loss weight (Hang et al. 2023) for a loss on ``prediction``.
+
+    The paper weights the x0-space error by ``min(SNR, gamma)``. A loss on another target
+    equals the x0-space loss divided by ``c**2`` (see :func:`x0_error_scale`), so its weight is
+    ``min(SNR, gamma) * c**2``: for eps ``min(SNR, gamma) / SNR``, for VP-v
+    ``min(SNR, gamma) / (SNR + 1)``. ``gamma = 0`` disables weighting (all ones).
+    """
+    if gamma <= 0:
+        return torch.ones_like(alpha)
+    snr = (alpha / sigma) ** 2
+    c = x0_error_scale(prediction, alpha, sigma)
+    if prediction == "eps":  # c**2 = 1 / snr; write it without dividing inf by inf
+        return torch.clamp(gamma / snr, max=1.0)
+    return torch.clamp(snr, max=gamma) * c**2
+
+
+class Denoiser(nn.Module):
+    """Wrap a backbone so that it maps ``(x_t, t, labels)`` to the clean-image estimate.
+
+    Args:
+        backbone: ``backbone(x, noise_cond, labels) -> Tensor``; knows nothing about diffusion.
+        schedule: provides ``alpha_sigma(t)``.
+        prediction: what the backbone output means (one of :data:`PREDICTIONS`).
+        num_classes: number of classes; label ``num_classes`` is the null (unconditional) label.
+        image_shape: ``(C, H, W)`` of one image, for samplers that draw starting noise.
+    """
+
+    def __init__(self, backbone: nn.Module, schedule, prediction: str, num_classes: int = 10,
+                 image_shape: tuple[int, int, int] = (1, 28, 28)):
+        super().__init__()
+        _check(prediction)
+        self.backbone = backbone
+        self.schedule = schedule
+        self.prediction = prediction
+        self.num_classes = num_classes
+        self.image_shape = tuple(image_shape)
+
+    @property
+    def null_label(self) -> int:
+        return self.num_classes
+
+    def coefficients(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+        """``alpha_t, sigma_t`` as float32 tensors broadcastable against ``like`` ([B,1,1,1])."""
+        alpha, sigma = self.schedule.alpha_sigma(t.to(torch.float64))
+        shape = (-1,) + (1,) * (like.dim() - 1)
+        return alpha.float().view(shape), sigma.float().view(shape)
+
+    def predict(self, x_t: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
+        """Raw backbone output (in whatever precision autocast chose)."""
+        return self.backbone(x_t, t.to(x_t.dtype), labels)
+
+    def forward(self, x_t: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
+        """Clean-image estimate ``x0_hat`` (float32)."""
+        alpha, sigma = self.coefficients(t, x_t)
+        pred = self.predict(x_t, t, labels).float()
+        return x0_from_prediction(self.prediction, pred, x_t.float(), alpha, sigma)

@@ -1,0 +1,244 @@
+"""Sampling: rebuild a model from a checkpoint or export and generate images.
+
+``Pipeline.load(path)`` accepts a run directory, a ``.pt`` checkpoint or an export directory and
+never asks for architecture flags: everything comes from the saved config. ``generate`` is the
+engine shared by the CLI, the training previews and the evaluator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from .build import build_denoiser, crop_to, original_size, seed_for
+from .checkpoint import load_checkpoint, read_export, resolve
+from .config import Config, from_dict
+from .data import DataSpec, from_model_range
+from .device import Precision, select_device, select_precision
+from .guidance import classifier_free, thresholded, unconditional
+from .parameterization import Denoiser
+from .samplers import get_sampler, initial_sample, steps_for_nfe
+from .schedules import time_grid
+
+
+@dataclass(frozen=True)
+class SampleOptions:
+    """How to sample (lives only at the sample/evaluate boundary, never in the model).
+
+    Attributes:
+        sampler: a name from ``mnistdiff.samplers.SAMPLERS``.
+        steps: number of sampler steps (NFE depends on the sampler).
+        guidance: classifier-free scale ``w`` in ``u + w (c - u)``; 1 = plain conditional.
+        eta: DDIM stochasticity (0 = deterministic).
+        grid: time-grid kind, or None for the sampler's default.
+        threshold: x0 refinement: ``none``, ``clip`` or ``dynamic``.
+        guidance_rescale: CFG-rescale factor (0 disables).
+        guidance_interval: apply guidance only for t in this interval.
+    """
+
+    sampler: str = "ddim"
+    steps: int = 50
+    guidance: float = 1.0
+    eta: float = 0.0
+    grid: str | None = None
+    threshold: str = "none"
+    guidance_rescale: float = 0.0
+    guidance_interval: tuple[float, float] | None = None
+
+
+@dataclass(frozen=True)
+class Samples:
+    """Generated images in model range ``[N, 1, S, S]``, their labels (-1 = none), and NFE."""
+
+    x: Tensor
+    labels: Tensor
+    nfe: int
+
+
+def _denoise_fn(denoiser: Denoiser, labels: Tensor | None, opts: SampleOptions,
+                conditional: bool, precision: Precision) -> Callable:
+    def model(x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        with precision.autocast(x.device):
+            return denoiser(x, t, y)
+
+    if labels is None or not conditional:
+        fn = unconditional(model, denoiser.null_label)
+    else:
+        fn = classifier_free(model, labels, opts.guidance, denoiser.null_label,
+                             rescale=opts.guidance_rescale, interval=opts.guidance_interval)
+    return thresholded(fn, opts.threshold)
+
+
+def _sampler_options(opts: SampleOptions) -> dict:
+    return {"eta": opts.eta} if opts.sampler == "ddim" else {}
+
+
+@torch.no_grad()
+def generate(denoiser: Denoiser, labels: Tensor | None, num: int, opts: SampleOptions, *,
+             seed: int = 0, batch_size: int = 500, conditional: bool = True,
+             precision: Precision | None = None, progress: bool = False,
+             callback: Callable | None = None) -> Samples:
+    """Generate ``num`` images (labels ``[num]`` or None for unconditional).
+
+    Batch ``b`` uses a generator seeded from ``(seed, b)``: the same seed and batch size give
+    the same images. ``callback(i, x_t, x0_hat)`` sees every step of the first batch.
+    """
+    device = next(denoiser.parameters()).device
+    precision = precision or select_precision("fp32", device)
+    info = get_sampler(opts.sampler)
+    ts = time_grid(denoiser.schedule, opts.grid or info.default_grid, opts.steps)
+    spec_shape = denoiser.image_shape
+    outs, nfe = [], 0
+    starts = range(0, num, batch_size)
+    for b, start in enumerate(tqdm(starts, desc="sampling", disable=not progress, leave=False)):
+        n = min(batch_size, num - start)
+        gen = torch.Generator(device=device).manual_seed(seed_for(seed, b))
+        noise = torch.randn((n, *spec_shape), generator=gen, device=device)
+        y = None if labels is None else labels[start : start + n].to(device)
+        fn = _denoise_fn(denoiser, y, opts, conditional, precision)
+        x = initial_sample(denoiser.schedule, ts, noise)
+        result = info.fn(fn, x, denoiser.schedule, ts, generator=gen,
+                         callback=callback if b == 0 else None, **_sampler_options(opts))
+        outs.append(result.x.float().cpu())
+        nfe = result.nfe  # per batch; identical for every batch
+    x = torch.cat(outs) if outs else torch.empty((0, *spec_shape))
+    out_labels = labels.cpu() if labels is not None else torch.full((num,), -1)
+    return Samples(x=x, labels=out_labels.long(), nfe=nfe)
+
+
+def label_tensor(digits: Sequence[int] | None = None, per_class: int | None = None,
+                 num: int | None = None, num_classes: int = 10) -> Tensor:
+    """Labels for a request: ``per_class`` rows of every class, or ``num`` cycling ``digits``."""
+    if per_class is not None:
+        return torch.arange(num_classes).repeat_interleave(per_class)
+    digits = list(range(num_classes)) if not digits else list(digits)
+    bad = [d for d in digits if not 0 <= d < num_classes]
+    if bad:
+        raise ValueError(f"digits {bad} out of range; allowed 0..{num_classes - 1}")
+    num = num if num is not None else 8 * len(digits)
+    # digit-major order so a grid with len(digits) rows shows one class per row
+    reps = -(-num // len(digits))
+    return torch.tensor(digits).repeat_interleave(reps)[:num]
+
+
+class Pipeline:
+    """A loaded model ready to sample: ``mnistdiff.load(path).sample(labels=[7] * 16)``."""
+
+    def __init__(self, cfg: Config, spec: DataSpec, denoiser: Denoiser, device: torch.device,
+                 precision: Precision, source: Path, info: dict | None = None):
+        self.cfg, self.spec, self.denoiser = cfg, spec, denoiser
+        self.device, self.precision, self.source = device, precision, source
+        self.info = info or {}
+
+    @classmethod
+    def load(cls, path: str | Path, *, device: str = "auto", use_ema: bool = True,
+             precision: str | None = None) -> Pipeline:
+        """Rebuild from a run directory, a checkpoint file or an export directory."""
+        kind, resolved = resolve(path)
+        if kind == "export":
+            blob = read_export(resolved)
+            weights, info = blob["weights"], {"step": None, "ema": True}
+        else:
+            blob = load_checkpoint(resolved)
+            has_ema = blob.get("ema") is not None
+            weights = blob["ema"]["model"] if use_ema and has_ema else blob["model"]
+            info = {"step": blob["step"], "epoch": blob.get("epoch"),
+                    "ema": use_ema and has_ema}
+        cfg = from_dict(blob["config"])
+        spec = DataSpec.from_dict(blob["data_spec"])
+        dev = select_device(device)
+        denoiser = build_denoiser(cfg, spec)
+        denoiser.backbone.load_state_dict(weights)
+        denoiser.to(dev).eval()
+        prec = select_precision(precision or _default_precision(cfg, dev), dev)
+        return cls(cfg, spec, denoiser, dev, prec, resolved, info)
+
+    @property
+    def conditional(self) -> bool:
+        return self.cfg.model.conditional
+
+    def default_options(self, **overrides) -> SampleOptions:
+        """The config's sample section, with keyword overrides (None = keep)."""
+        s = self.cfg.sample
+        base = {"sampler": s.sampler, "steps": s.steps, "guidance": s.guidance, "eta": s.eta}
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        return SampleOptions(**base)
+
+    def generate(self, labels: Tensor | Sequence[int] | None = None, num: int | None = None, *,
+                 seed: int = 0, batch_size: int | None = None, progress: bool = False,
+                 callback: Callable | None = None, **options) -> Samples:
+        """Images in model range (see :func:`generate`); ``options`` override SampleOptions."""
+        nfe = options.pop("nfe", None)
+        opts = self.default_options(**options)
+        if nfe is not None:
+            opts = replace(opts, steps=steps_for_nfe(opts.sampler, nfe))
+        if labels is not None:
+            labels = torch.as_tensor(labels, dtype=torch.long)
+            num = len(labels)
+            if not self.conditional:
+                raise ValueError("this model is unconditional: sample without labels")
+            if ((labels < 0) | (labels >= self.spec.num_classes)).any():
+                raise ValueError(f"labels must be in 0..{self.spec.num_classes - 1}")
+        if num is None:
+            raise ValueError("give labels or num")
+        return generate(self.denoiser, labels, num, opts, seed=seed,
+                        batch_size=batch_size or self.cfg.sample.batch_size,
+                        conditional=self.conditional, precision=self.precision,
+                        progress=progress, callback=callback)
+
+    def sample(self, labels: Tensor | Sequence[int] | None = None, num: int | None = None,
+               **kwargs) -> Tensor:
+        """uint8 images ``[N, 28, 28]`` (padding removed)."""
+        out = self.generate(labels, num, **kwargs)
+        return self.to_uint8(out.x)
+
+    def to_uint8(self, x: Tensor) -> Tensor:
+        """Model-range images -> uint8 ``[N, H, W]`` at the dataset's original size."""
+        return from_model_range(crop_to(x, original_size(self.spec, self.cfg.data)))
+
+
+def _default_precision(cfg: Config, device: torch.device) -> str:
+    if cfg.train.precision == "fp16" and device.type == "cpu":
+        return "bf16"
+    return cfg.train.precision
+
+
+load = Pipeline.load
+
+
+def save_npz(path: str | Path, images: Tensor, labels: Tensor) -> Path:
+    """Write ``images`` (uint8 [N, H, W]) and ``labels`` (int64 [N], -1 = none) atomically."""
+    import numpy as np
+
+    from .atomic import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, images=images.numpy().astype(np.uint8), labels=labels.numpy().astype(np.int64))
+    return Path(path)
+
+
+def load_npz(path: str | Path) -> tuple[Tensor, Tensor | None]:
+    """Read an ``.npz`` of samples; labels are None when absent or all -1."""
+    import numpy as np
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"samples file not found: {path}")
+    try:
+        with np.load(path) as f:
+            images = f["images"]
+            labels = f["labels"] if "labels" in f.files else None
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"{path}: not a samples .npz with an 'images' array ({exc})") from None
+    if images.dtype != np.uint8 or images.ndim not in (3, 4):
+        raise ValueError(f"{path}: 'images' must be uint8 [N, H, W], got {images.dtype} "
+                         f"{images.shape}")
+    if images.ndim == 4:
+        images = images[:, 0]
+    lab = None if labels is None or (labels < 0).all() else torch.from_numpy(labels).long()
+    return torch.from_numpy(images), lab

@@ -1,0 +1,451 @@
+"""Training: ``train(cfg) -> run_dir``. The loop is one visible function.
+
+Randomness of step ``s`` comes only from ``(seed, s, rank)`` and the data order only from
+``(seed, epoch)`` plus a saved position, so training N steps equals training k, stopping,
+resuming and training N - k, bit for bit on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import distributed
+from .build import TrainData, build_denoiser, load_train_data, seed_for, step_generator
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .config import Config, diff, from_dict, save_config, to_dict
+from .device import describe, select_device, select_precision
+from .ema import EMA
+from .images import make_grid, save_grid
+from .losses import diffusion_loss, loss_by_time_bin
+from .sample import SampleOptions, generate, label_tensor
+from .schedules import sample_training_times
+from .tracking import RunLogger, plot_loss_curves
+
+# Sections that define the model: a resumed run must not change them.
+FROZEN_KEYS = ("model.", "diffusion.", "data.dataset", "data.val_size", "data.pad_to_32")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot start or continue (message says why and what to do)."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """Training stopped on a signal after writing a checkpoint; ``exit_code`` for the shell."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass
+class Progress:
+    """Counters saved in every checkpoint."""
+
+    step: int = 0
+    epoch: int = 0
+    skipped_steps: int = 0
+    best_value: float = math.inf
+    history: list[dict] = field(default_factory=list)
+
+
+def lr_at(step: int, total_steps: int, cfg) -> float:
+    """Linear warmup to ``lr`` then cosine decay to ``min_lr`` (or constant)."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    span = max(1, total_steps - cfg.warmup_steps)
+    frac = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * frac))
+
+
+class _StopFlag:
+    """Catch SIGINT/SIGTERM: remember the signal, let the current step finish."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not in the main thread
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # second signal: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def default_run_dir(config_path: str | None) -> str:
+    """``runs/<config file stem>`` (or ``runs/default``)."""
+    return f"runs/{Path(config_path).stem if config_path else 'default'}"
+
+
+def train(cfg: Config, *, resume: str | None = None, stop_after_steps: int | None = None,
+          log=print) -> Path:
+    """Train as ``cfg`` says; return the run directory.
+
+    Args:
+        cfg: the resolved config (``cfg.train.run_dir`` must be set).
+        resume: ``"auto"`` (continue ``run_dir`` if it has a checkpoint), a checkpoint path,
+            or None (start fresh; refuses a run directory that already has checkpoints).
+        stop_after_steps: end this invocation after this many optimizer steps, with a
+            checkpoint, as an interruption would.
+        log: where one-line messages go (rank 0 only).
+    """
+    ctx = distributed.setup(cfg.train.device)
+    log = log if ctx.is_main else (lambda *a, **k: None)
+    run_dir = Path(cfg.train.run_dir or default_run_dir(None))
+    ckpt_dir = run_dir / "checkpoints"
+    resume_path = _resume_path(resume, ckpt_dir)
+
+    device = ctx.device or select_device(cfg.train.device)
+    precision = select_precision(cfg.train.precision, device)
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    log(describe(device, precision))
+
+    data = load_train_data(cfg)
+    denoiser = build_denoiser(cfg, data.spec).to(device)
+    backbone = denoiser.backbone
+    log(f"{cfg.model.type}: {sum(p.numel() for p in backbone.parameters()) / 1e6:.2f}M "
+        f"parameters; {len(data.train_y)} training / {len(data.val_y)} validation images")
+    optimizer = torch.optim.AdamW(
+        backbone.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+        betas=(cfg.train.adam_beta1, cfg.train.adam_beta2))
+    ema = (EMA(backbone, cfg.train.ema_decay, half_life=cfg.train.ema_half_life,
+               start_step=cfg.train.ema_start_step) if cfg.train.ema else None)
+    batches = distributed.batch_iterator(len(data.train_y), cfg.train.batch_size,
+                                         cfg.train.seed, ctx)
+    total_steps = cfg.train.steps or cfg.train.epochs * batches.batches_per_epoch
+    progress = Progress()
+
+    if resume_path is not None:
+        _restore(resume_path, cfg, backbone, optimizer, ema, batches, progress, log)
+    elif ckpt_dir.exists() and any(ckpt_dir.glob("*.pt")):
+        raise TrainingError(
+            f"{run_dir} already holds checkpoints; continue it with --resume auto, or choose "
+            "a new --run-dir")
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    logger = RunLogger(run_dir, enabled=ctx.is_main, tensorboard=cfg.train.tensorboard)
+    logger.reset(progress.history)
+
+    train_model = distributed.wrap(denoiser, ctx, cfg.train.compile)
+    scaler = torch.amp.GradScaler(device.type) if precision.grad_scaler else None
+    micro = cfg.train.batch_size // ctx.world_size // cfg.train.grad_accum
+    x_all, y_all = data.train_x.to(device), data.train_y.to(device)
+
+    def save(tag: str | None = None) -> None:
+        if not ctx.is_main:
+            return
+        state = _checkpoint_state(cfg, data, backbone, ema, optimizer, batches, progress,
+                                  total_steps)
+        _write_checkpoints(state, ckpt_dir, tag, progress, cfg.train.keep_last)
+
+    start_step, t_start = progress.step, time.perf_counter()
+    window = {"loss": 0.0, "n": 0, "t0": time.perf_counter(), "images": 0,
+              "bins": torch.zeros(10, dtype=torch.float64), "counts": torch.zeros(10)}
+    bar = tqdm(total=total_steps, initial=progress.step, desc="train", unit="step",
+               disable=not (ctx.is_main and cfg.train.progress), dynamic_ncols=True)
+    stopped_by = None
+    with _StopFlag() as stop:
+        while progress.step < total_steps:
+            step = progress.step
+            epoch_before = batches.epoch
+            idx = batches.next_batch().to(device)
+            lr = lr_at(step, total_steps, cfg.train)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
+            # ---- one optimizer step (grad accumulation over micro-batches)
+            torch.manual_seed(seed_for(cfg.train.seed, step, ctx.rank))  # dropout etc.
+            gen = step_generator(cfg.train.seed, step, ctx.rank, device)
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = 0.0
+            for k, part in enumerate(idx.split(micro)):
+                x0, y = x_all[part], y_all[part]
+                t = sample_training_times(denoiser.schedule, len(part), gen, device)
+                noise = torch.randn(x0.shape, generator=gen, device=device)
+                y = _drop_labels(y, cfg, denoiser.null_label, gen)
+                sync = k == cfg.train.grad_accum - 1
+                with distributed.maybe_no_sync(train_model, sync), precision.autocast(device):
+                    losses = diffusion_loss(train_model, x0, y, t, noise,
+                                            loss=cfg.diffusion.loss,
+                                            min_snr_gamma=cfg.diffusion.min_snr_gamma)
+                loss = losses.mean() / cfg.train.grad_accum
+                (scaler.scale(loss) if scaler else loss).backward()
+                step_loss += loss.item()
+                b_sum, b_cnt = loss_by_time_bin(t, losses)
+                window["bins"] += b_sum
+                window["counts"] += b_cnt
+            step_loss = distributed.mean_scalar(step_loss, ctx)
+
+            if not math.isfinite(step_loss):
+                progress.skipped_steps += 1
+                if cfg.train.nonfinite == "stop" or (
+                        progress.skipped_steps > cfg.train.max_skipped_steps):
+                    bar.close()
+                    raise TrainingError(
+                        f"non-finite loss ({step_loss}) at step {step}; the last good "
+                        f"checkpoint in {ckpt_dir} is kept. Lower train.lr, enable "
+                        "train.grad_clip, or set train.nonfinite=skip")
+                log(f"step {step}: non-finite loss, step skipped "
+                    f"({progress.skipped_steps} so far)")
+                optimizer.zero_grad(set_to_none=True)
+                grad_norm = float("nan")
+            else:
+                if scaler:
+                    scaler.unscale_(optimizer)
+                clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
+                grad_norm = torch.nn.utils.clip_grad_norm_(backbone.parameters(), clip).item()
+                if scaler:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                if ema is not None:
+                    ema.update(backbone, step)
+            progress.step += 1
+            bar.update(1)
+
+            # ---- logging
+            window["loss"] += step_loss if math.isfinite(step_loss) else 0.0
+            window["n"] += 1
+            window["images"] += cfg.train.batch_size
+            if progress.step % cfg.train.log_every == 0 or progress.step == total_steps:
+                record = _window_record(window, progress, lr, grad_norm)
+                progress.history.append(record)
+                logger.log(record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}",
+                                img_s=f"{record['images_per_sec']:.0f}")
+                window.update(loss=0.0, n=0, t0=time.perf_counter(), images=0)
+                window["bins"].zero_()
+                window["counts"].zero_()
+
+            # ---- events: validation, previews, checkpoints
+            epoch_done = batches.epoch != epoch_before
+            progress.epoch = batches.epoch
+            finished = progress.step == total_steps
+            interrupted = stop.signum is not None or (
+                stop_after_steps is not None and progress.step - start_step >= stop_after_steps)
+            if _due(cfg.train.val_every, progress.step, epoch_done) or finished:
+                _validate(cfg, denoiser, ema, data, device, precision, progress, logger, log)
+            if epoch_done and ctx.is_main and cfg.train.preview_every_epochs and (
+                    progress.epoch % cfg.train.preview_every_epochs == 0):
+                _preview(cfg, denoiser, ema, data, precision, run_dir, progress, logger)
+            if _due(cfg.train.checkpoint_every, progress.step, epoch_done) or finished:
+                save("periodic")
+            elif interrupted:
+                save()
+            if interrupted:
+                stopped_by = stop.signum or "stop_after_steps"
+                break
+    bar.close()
+    logger.close()
+    if ctx.is_main:
+        plot_loss_curves(progress.history, run_dir / "loss_curves.png")
+    elapsed = time.perf_counter() - t_start
+    done = progress.step - start_step
+    if stopped_by is None:
+        log(f"finished {progress.step} steps in {elapsed / 60:.1f} min "
+            f"({done * cfg.train.batch_size / max(elapsed, 1e-9):.0f} images/s); run: {run_dir}")
+        return run_dir
+    hint = f"resume with: mnistdiff train --config {run_dir / 'config.yaml'} --resume auto"
+    if stopped_by == "stop_after_steps":
+        log(f"stopped after {done} steps at step {progress.step}/{total_steps}; {hint}")
+        return run_dir
+    name = signal.Signals(stopped_by).name
+    raise TrainingInterrupted(
+        f"{name}: checkpoint written at step {progress.step}/{total_steps}; {hint}",
+        exit_code=128 + int(stopped_by))
+
+
+# --------------------------------------------------------------------------- step helpers
+
+
+def _drop_labels(y: torch.Tensor, cfg: Config, null_label: int, gen: torch.Generator
+                 ) -> torch.Tensor | None:
+    """Replace labels by the null label with probability ``label_dropout`` (CFG training)."""
+    if not cfg.model.conditional:
+        return None
+    drop = torch.rand(y.shape, generator=gen, device=y.device) < cfg.diffusion.label_dropout
+    return torch.where(drop, torch.full_like(y, null_label), y)
+
+
+def _due(every: int, step: int, epoch_done: bool) -> bool:
+    """Interval rule: ``every`` steps, or at each epoch end when ``every`` is 0."""
+    return step % every == 0 if every else epoch_done
+
+
+def _window_record(window: dict, progress: Progress, lr: float, grad_norm: float) -> dict:
+    elapsed = max(time.perf_counter() - window["t0"], 1e-9)
+    record = {"step": progress.step, "epoch": progress.epoch,
+              "loss": window["loss"] / max(window["n"], 1), "lr": lr, "grad_norm": grad_norm,
+              "images_per_sec": window["images"] / elapsed}
+    per_bin = window["bins"] / window["counts"].clamp(min=1)
+    for i, (value, count) in enumerate(zip(per_bin.tolist(), window["counts"].tolist(),
+                                           strict=True)):
+        if count:
+            record[f"loss_t{i}"] = value
+    return record
+
+
+@torch.no_grad()
+def _validate(cfg, denoiser, ema, data: TrainData, device, precision, progress, logger, log):
+    """Mean loss on the held-out split with fixed randomness (EMA weights when present)."""
+    if len(data.val_y) == 0:
+        return
+    model = _with_weights(denoiser, ema)
+    model.eval()
+    gen = step_generator(cfg.train.seed, -1, 0, device)  # the same noise at every validation
+    bs = cfg.train.batch_size
+    n_batches = math.ceil(len(data.val_y) / bs)
+    if cfg.train.val_batches:
+        n_batches = min(n_batches, cfg.train.val_batches)
+    total, count = 0.0, 0
+    for b in range(n_batches):
+        x0 = data.val_x[b * bs : (b + 1) * bs].to(device)
+        y = data.val_y[b * bs : (b + 1) * bs].to(device) if cfg.model.conditional else None
+        t = sample_training_times(model.schedule, len(x0), gen, device)
+        noise = torch.randn(x0.shape, generator=gen, device=device)
+        with precision.autocast(device):
+            losses = diffusion_loss(model, x0, y, t, noise, loss=cfg.diffusion.loss,
+                                    min_snr_gamma=cfg.diffusion.min_snr_gamma)
+        total += losses.sum().item()
+        count += len(x0)
+    denoiser.train()
+    value = total / count
+    record = {"step": progress.step, "epoch": progress.epoch, "val_loss": value}
+    progress.history.append(record)
+    logger.log(record)
+    log(f"step {progress.step}: validation loss {value:.5f}")
+
+
+def _with_weights(denoiser, ema):
+    """A denoiser that uses the EMA backbone when EMA is on."""
+    if ema is None:
+        return denoiser
+    return type(denoiser)(ema.model, denoiser.schedule, denoiser.prediction,
+                          denoiser.num_classes, denoiser.image_shape)
+
+
+def _preview(cfg, denoiser, ema, data: TrainData, precision, run_dir: Path, progress, logger):
+    """A grid of samples, one row per class, written as ``samples/samples_epoch_XXX.png``."""
+    model = _with_weights(denoiser, ema).eval()
+    labels = label_tensor(per_class=cfg.train.preview_per_class,
+                          num_classes=data.spec.num_classes) if cfg.model.conditional else None
+    num = data.spec.num_classes * cfg.train.preview_per_class
+    s = cfg.sample
+    opts = SampleOptions(sampler=s.sampler, steps=s.steps, guidance=s.guidance, eta=s.eta)
+    out = generate(model, labels, num, opts, seed=cfg.train.seed, batch_size=s.batch_size,
+                   conditional=cfg.model.conditional, precision=precision)
+    denoiser.train()
+    from .data import from_model_range
+
+    images = from_model_range(out.x)
+    path = run_dir / "samples" / f"samples_epoch_{progress.epoch:03d}.png"
+    save_grid(images, path, nrow=cfg.train.preview_per_class, scale=2)
+    logger.image("samples", make_grid(images, nrow=cfg.train.preview_per_class), progress.step)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _checkpoint_state(cfg, data, backbone, ema, optimizer, batches, progress: Progress,
+                      total_steps: int) -> dict:
+    return {
+        "config": to_dict(cfg),
+        "data_spec": data.spec.to_dict(),
+        "model": backbone.state_dict(),
+        "ema": ema.state_dict() if ema is not None else None,
+        "optimizer": optimizer.state_dict(),
+        "lr_schedule": {"kind": cfg.train.lr_schedule, "total_steps": total_steps},
+        "step": progress.step,
+        "epoch": progress.epoch,
+        "data_state": batches.state_dict(),
+        "skipped_steps": progress.skipped_steps,
+        "best_value": progress.best_value,
+        "history": progress.history,
+    }
+
+
+def _write_checkpoints(state: dict, ckpt_dir: Path, tag: str | None, progress: Progress,
+                       keep_last: int) -> None:
+    """``last.pt`` always; ``step_XXXXXXX.pt`` for periodic saves (keep the newest k);
+    ``best.pt`` when the validation loss improved."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    if tag == "periodic":
+        save_checkpoint(state, ckpt_dir / f"step_{progress.step:07d}.pt")
+        for old in sorted(ckpt_dir.glob("step_*.pt"))[:-keep_last]:
+            old.unlink()
+    val = [r["val_loss"] for r in progress.history if "val_loss" in r]
+    if val and val[-1] < progress.best_value:
+        progress.best_value = val[-1]
+        state["best_value"] = val[-1]
+        save_checkpoint(state, ckpt_dir / "best.pt")
+    save_checkpoint(state, ckpt_dir / "last.pt")
+
+
+def _resume_path(resume: str | None, ckpt_dir: Path) -> Path | None:
+    if resume is None:
+        return None
+    if resume == "auto":
+        last = ckpt_dir / "last.pt"
+        return last if last.is_file() else None
+    path = Path(resume)
+    if path.is_dir():
+        path = path / "checkpoints" / "last.pt"
+    if not path.is_file():
+        raise TrainingError(f"--resume: checkpoint not found: {path}")
+    return path
+
+
+def _restore(path: Path, cfg: Config, backbone, optimizer, ema, batches, progress: Progress,
+             log) -> None:
+    """Load a checkpoint into the live objects after checking the config is compatible."""
+    state = load_checkpoint(path)
+    try:
+        saved = from_dict(state["config"])
+    except Exception as exc:
+        raise CheckpointError(f"{path}: saved config is invalid ({exc})") from None
+    changes = diff(saved, cfg)
+    frozen = [c for c in changes if c[0].startswith(FROZEN_KEYS)]
+    if frozen:
+        lines = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in frozen)
+        raise TrainingError(
+            f"cannot resume {path}: the model/diffusion/data config differs from the "
+            f"checkpoint ({lines}). Use the run's config.yaml, or start a new --run-dir")
+    for key, a, b in changes:
+        log(f"resume: {key} changed {a!r} -> {b!r}")
+    backbone.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if ema is not None:
+        if state.get("ema") is not None:
+            ema.load_state_dict(state["ema"])
+        else:
+            ema.model.load_state_dict(state["model"])
+    try:
+        batches.load_state_dict(state["data_state"])
+    except ValueError as exc:
+        raise TrainingError(f"cannot resume {path}: {exc}") from None
+    progress.step, progress.epoch = state["step"], state["epoch"]
+    progress.skipped_steps = state["skipped_steps"]
+    progress.best_value = state["best_value"]
+    progress.history = list(state["history"])
+    log(f"resumed from {path} at step {progress.step} (epoch {progress.epoch})")
