@@ -40,8 +40,9 @@ def data_spec(cfg: DataConfig, base: DataSpec) -> DataSpec:
 def load_train_data(cfg: Config) -> TrainData:
     """Load the dataset and make the deterministic train/validation split."""
     arrays = load_dataset(cfg.data.dataset, cfg.data.data_dir, download=cfg.data.download)
-    train_idx, val_idx = train_val_split(len(arrays.train_labels), cfg.data.val_size,
-                                         seed=cfg.train.seed)
+    train_idx, val_idx = train_val_split(
+        len(arrays.train_labels), cfg.data.val_size, seed=cfg.train.seed
+    )
     images, labels = arrays.train_images, arrays.train_labels
     return TrainData(
         train_x=prepare_images(images[train_idx], cfg.data),
@@ -76,12 +77,13 @@ def original_size(spec: DataSpec, cfg: DataConfig) -> int:
 
 def seed_for(seed: int, step: int, rank: int = 0) -> int:
     """A well-mixed 63-bit seed derived from ``(seed, step, rank)``."""
-    x = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + rank * 0x94D049BB133111EB)
+    x = seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + rank * 0x94D049BB133111EB
     x ^= x >> 31
     return x % (2**63 - 1)
 
 
-def step_generator(seed: int, step: int, rank: int = 0, device: torch.device | str = "cpu"
-                   ) -> torch.Generator:
+def step_generator(
+    seed: int, step: int, rank: int = 0, device: torch.device | str = "cpu"
+) -> torch.Generator:
     """The generator for one training step (exact resume depends only on these numbers)."""
     return torch.Generator(device=device).manual_seed(seed_for(seed, step, rank))

@@ -29,8 +29,14 @@ COMMON_FLAGS = {  # flag dest -> config key
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config file (default: built-in defaults)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="dotted override, e.g. --set train.lr=3e-4 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dotted override, e.g. --set train.lr=3e-4 (repeatable)",
+    )
     p.add_argument("--epochs", type=int)
     p.add_argument("--steps", type=int, help="total optimizer steps (beats --epochs)")
     p.add_argument("--batch-size", type=int, help="global batch size")
@@ -50,8 +56,11 @@ def resolve_config(args: argparse.Namespace):
     from .train import default_run_dir
 
     data = load_yaml(args.config) if args.config else {}
-    flags = {key: getattr(args, dest) for dest, key in COMMON_FLAGS.items()
-             if getattr(args, dest, None) is not None}
+    flags = {
+        key: getattr(args, dest)
+        for dest, key in COMMON_FLAGS.items()
+        if getattr(args, dest, None) is not None
+    }
     data = apply_overrides(data, flags)
     data = apply_overrides(data, args.overrides)
     data.setdefault("train", {})
@@ -78,12 +87,18 @@ def cmd_data(args) -> int:
     arrays = load_dataset(args.dataset, args.data_dir, download=not args.no_download)
     stats = dataset_stats(arrays)
     for split, s in stats.items():
-        print(f"{split}: {s['count']} images, pixel mean {s['pixel_mean_01']:.4f} "
-              f"std {s['pixel_std_01']:.4f} (in [0,1]); labels {s['label_hist']}")
+        print(
+            f"{split}: {s['count']} images, pixel mean {s['pixel_mean_01']:.4f} "
+            f"std {s['pixel_std_01']:.4f} (in [0,1]); labels {s['label_hist']}"
+        )
     info = get_dataset_info(args.dataset)
     labels = label_tensor(per_class=args.per_class, num_classes=info.num_classes)
-    picks = [int((arrays.train_labels == c).nonzero()[i]) for c, i in
-             zip(labels.tolist(), list(range(args.per_class)) * info.num_classes, strict=True)]
+    picks = [
+        int((arrays.train_labels == c).nonzero()[i])
+        for c, i in zip(
+            labels.tolist(), list(range(args.per_class)) * info.num_classes, strict=True
+        )
+    ]
     path = save_grid(arrays.train_images[picks], args.out, nrow=args.per_class, scale=2)
     print(f"wrote {path} (one row per class: {', '.join(info.classes)})")
     return 0
@@ -98,7 +113,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    from .images import save_gif, save_grid, make_grid
+    from .images import make_grid, save_gif, save_grid
     from .sample import Pipeline, label_tensor
 
     pipe = Pipeline.load(args.checkpoint, device=args.device or "auto", use_ema=not args.no_ema)
@@ -118,14 +133,27 @@ def cmd_sample(args) -> int:
     def keep_frames(i, x_t, x0_hat):
         frames.append(make_grid(pipe.to_uint8(x_t[:num].clamp(-1, 1)), nrow=nrow))
 
-    out = pipe.generate(labels, num, seed=args.seed, batch_size=args.batch_size, progress=True,
-                        callback=keep_frames if args.gif else None, sampler=args.sampler,
-                        steps=args.steps, nfe=args.nfe, guidance=args.guidance, eta=args.eta,
-                        grid=args.grid, threshold=args.threshold)
+    out = pipe.generate(
+        labels,
+        num,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        progress=True,
+        callback=keep_frames if args.gif else None,
+        sampler=args.sampler,
+        steps=args.steps,
+        nfe=args.nfe,
+        guidance=args.guidance,
+        eta=args.eta,
+        grid=args.grid,
+        threshold=args.threshold,
+    )
     images = pipe.to_uint8(out.x)
     save_grid(images, args.out, nrow=nrow, scale=2)
-    print(f"wrote {args.out} ({num} images, sampler {args.sampler or pipe.cfg.sample.sampler}, "
-          f"NFE {out.nfe} per image)")
+    print(
+        f"wrote {args.out} ({num} images, sampler {args.sampler or pipe.cfg.sample.sampler}, "
+        f"NFE {out.nfe} per image)"
+    )
     if args.save_npz:
         from .sample import save_npz
 
@@ -186,8 +214,8 @@ def cmd_train_evaluator(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="mnistdiff",
-        description="Train, sample and evaluate diffusion models on MNIST.")
+        prog="mnistdiff", description="Train, sample and evaluate diffusion models on MNIST."
+    )
     parser.add_argument("--version", action="version", version=f"mnistdiff {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -206,8 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model")
     _add_config_args(p)
     p.add_argument("--resume", help="'auto' (continue the run directory) or a checkpoint path")
-    p.add_argument("--stop-after-steps", type=int,
-                   help="stop this invocation after N optimizer steps, with a checkpoint")
+    p.add_argument(
+        "--stop-after-steps",
+        type=int,
+        help="stop this invocation after N optimizer steps, with a checkpoint",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sample", help="generate images from a checkpoint, run or export")
@@ -273,8 +304,15 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .device import DeviceError
     from .train import TrainingError
 
-    errors = [ConfigError, DataError, CheckpointError, DeviceError, TrainingError,
-              FileNotFoundError, ValueError]
+    errors = [
+        ConfigError,
+        DataError,
+        CheckpointError,
+        DeviceError,
+        TrainingError,
+        FileNotFoundError,
+        ValueError,
+    ]
     try:
         from .evaluator import EvaluatorError
 

@@ -9,6 +9,7 @@ nearest valid one), wrong types and out-of-range values with a message naming th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import types
@@ -26,8 +27,14 @@ class ConfigError(ValueError):
     """A configuration key or value is invalid; the message names it and what is allowed."""
 
 
-def _opt(default: Any, *, choices: tuple | None = None, lo: float | None = None,
-         hi: float | None = None, help: str = "") -> Any:  # noqa: A002
+def _opt(
+    default: Any,
+    *,
+    choices: tuple | None = None,
+    lo: float | None = None,
+    hi: float | None = None,
+    help: str = "",
+) -> Any:  # noqa: A002
     """A dataclass field carrying validation metadata (allowed choices, inclusive range)."""
     meta = {"choices": choices, "lo": lo, "hi": hi, "help": help}
     if isinstance(default, (list, dict)):
@@ -183,7 +190,7 @@ def from_dict(data: dict | None, cls: type = Config, prefix: str = "") -> Any:
 
 
 def _unknown_key_message(key: str, valid: list[str], prefix: str) -> str:
-    leaf = key[len(prefix):]
+    leaf = key[len(prefix) :]
     close = difflib.get_close_matches(leaf, valid, n=1, cutoff=0.5)
     hint = f" Did you mean '{prefix}{close[0]}'?" if close else ""
     allowed = ", ".join(prefix + v for v in valid)
@@ -212,10 +219,8 @@ def _check_scalar(value: Any, hint: type, key: str, meta: Any) -> Any:
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if hint is float and isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
-        try:
+        with contextlib.suppress(ValueError):
             value = float(value)
-        except ValueError:
-            pass
     ok = isinstance(value, hint) and not (hint in (int, float) and isinstance(value, bool))
     if not ok:
         raise ConfigError(f"{key}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
@@ -231,12 +236,12 @@ def _check_scalar(value: Any, hint: type, key: str, meta: Any) -> Any:
 
 def _check_consistency(cfg: Any) -> None:
     """Cross-field rules that a single field's metadata cannot express."""
-    if isinstance(cfg, DiffusionConfig):
-        if cfg.prediction == "velocity" and cfg.schedule != "flow":
-            raise ConfigError(
-                "diffusion.prediction: 'velocity' requires diffusion.schedule 'flow' "
-                "(for variance-preserving schedules use 'eps', 'x0' or 'v')"
-            )
+    is_diffusion = isinstance(cfg, DiffusionConfig)
+    if is_diffusion and cfg.prediction == "velocity" and cfg.schedule != "flow":
+        raise ConfigError(
+            "diffusion.prediction: 'velocity' requires diffusion.schedule 'flow' "
+            "(for variance-preserving schedules use 'eps', 'x0' or 'v')"
+        )
     if isinstance(cfg, UNetConfig):
         if not cfg.channel_mults:
             raise ConfigError("model.unet.channel_mults: needs at least one level")
@@ -305,8 +310,9 @@ def apply_overrides(data: dict, overrides: list[str] | dict[str, Any]) -> dict:
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None
-                ) -> Config:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | dict | None = None
+) -> Config:
     """Load a YAML config (or the defaults), apply overrides, validate."""
     data = load_yaml(path) if path is not None else {}
     return from_dict(apply_overrides(data, overrides or []))

@@ -26,9 +26,8 @@ def select_device(name: str = "auto") -> torch.device:
         raise DeviceError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DeviceError("device 'cuda' requested but CUDA is not available; use --device cpu")
-    if device.type == "cuda" and device.index is not None:
-        if device.index >= torch.cuda.device_count():
-            raise DeviceError(f"{name}: only {torch.cuda.device_count()} CUDA device(s) present")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise DeviceError(f"{name}: only {torch.cuda.device_count()} CUDA device(s) present")
     if device.type == "mps" and not _mps_available():
         raise DeviceError("device 'mps' requested but Apple MPS is not available")
     if device.type not in ("cpu", "cuda", "mps"):

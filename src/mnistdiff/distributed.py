@@ -62,15 +62,16 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-def batch_iterator(num_examples: int, batch_size: int, seed: int, ctx: DistContext
-                   ) -> BatchIterator:
+def batch_iterator(
+    num_examples: int, batch_size: int, seed: int, ctx: DistContext
+) -> BatchIterator:
     """This rank's shard of every global batch."""
     if batch_size % ctx.world_size:
         raise ValueError(
             f"train.batch_size {batch_size} (the global batch) must be divisible by the "
-            f"number of processes {ctx.world_size}")
-    return BatchIterator(num_examples, batch_size, seed, rank=ctx.rank,
-                         world_size=ctx.world_size)
+            f"number of processes {ctx.world_size}"
+        )
+    return BatchIterator(num_examples, batch_size, seed, rank=ctx.rank, world_size=ctx.world_size)
 
 
 def wrap(denoiser: Denoiser, ctx: DistContext, compile_backbone: bool = False) -> Denoiser:
@@ -86,8 +87,9 @@ def wrap(denoiser: Denoiser, ctx: DistContext, compile_backbone: bool = False) -
         backbone = DistributedDataParallel(backbone, device_ids=ids)
     if backbone is denoiser.backbone:
         return denoiser
-    return Denoiser(backbone, denoiser.schedule, denoiser.prediction, denoiser.num_classes,
-                    denoiser.image_shape)
+    return Denoiser(
+        backbone, denoiser.schedule, denoiser.prediction, denoiser.num_classes, denoiser.image_shape
+    )
 
 
 def maybe_no_sync(model: Denoiser, sync: bool):
@@ -101,7 +103,8 @@ def mean_scalar(value: float, ctx: DistContext) -> float:
     """Average a Python float over ranks."""
     if not ctx.is_distributed:
         return value
-    t = torch.tensor([value], dtype=torch.float64,
-                     device=ctx.device if ctx.device is not None else "cpu")
+    t = torch.tensor(
+        [value], dtype=torch.float64, device=ctx.device if ctx.device is not None else "cpu"
+    )
     dist.all_reduce(t)
     return t.item() / ctx.world_size

@@ -23,8 +23,15 @@ class EMA:
         warmup: use the ``(1 + n) / (10 + n)`` warmup.
     """
 
-    def __init__(self, model: nn.Module, decay: float = 0.999, *, half_life: float | None = None,
-                 start_step: int = 0, warmup: bool = True):
+    def __init__(
+        self,
+        model: nn.Module,
+        decay: float = 0.999,
+        *,
+        half_life: float | None = None,
+        start_step: int = 0,
+        warmup: bool = True,
+    ):
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self.decay = 0.5 ** (1.0 / half_life) if half_life else decay
         self.start_step = start_step
@@ -48,8 +55,12 @@ class EMA:
             b_ema.copy_(b)
 
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "decay": self.decay,
-                "start_step": self.start_step, "warmup": self.warmup}
+        return {
+            "model": self.model.state_dict(),
+            "decay": self.decay,
+            "start_step": self.start_step,
+            "warmup": self.warmup,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Restore the averaged weights; decay settings come from the current config."""

@@ -20,7 +20,6 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -82,7 +81,7 @@ class FeatureNet(nn.Module):
         self.head = nn.Linear(feature_dim, num_classes)
 
     def features(self, x: Tensor) -> Tensor:
-        """Feature vectors ``[N, feature_dim]`` of images ``x`` in [0, 1], shape ``[N, 1, 28, 28]``."""
+        """Feature vectors ``[N, feature_dim]`` of images ``x [N, 1, 28, 28]`` in [0, 1]."""
         x = (x - MNIST_MEAN) / MNIST_STD
         return self.feature(self.trunk(x))
 
@@ -92,9 +91,9 @@ class FeatureNet(nn.Module):
         return f, self.head(self.dropout(f))
 
 
-def _to_unit_images(images: Tensor | np.ndarray) -> Tensor:
-    """Validate uint8 images ``[N,28,28]``/``[N,1,28,28]`` (or 32×32, center-cropped) -> float
-    ``[N,1,28,28]`` in [0, 1]."""
+def _check_images(images: Tensor | np.ndarray) -> Tensor:
+    """Validate uint8 images ``[N,28,28]``/``[N,1,28,28]`` (or 32×32, center-cropped) -> uint8
+    ``[N,1,28,28]``."""
     x = torch.as_tensor(images)
     if x.dtype != torch.uint8:
         raise ValueError(
@@ -109,7 +108,7 @@ def _to_unit_images(images: Tensor | np.ndarray) -> Tensor:
         )
     if x.shape[1] == 32:
         x = x[:, 2:30, 2:30]  # center-crop zero-padded 32×32 images
-    return x.unsqueeze(1).float().div_(255.0)
+    return x.unsqueeze(1)
 
 
 class Evaluator:
@@ -146,10 +145,10 @@ class Evaluator:
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        x = _to_unit_images(images)
+        x = _check_images(images)
         feats, logits = [], []
         for chunk in x.split(batch_size):
-            f, lg = self.net(chunk.to(self.device))
+            f, lg = self.net(chunk.to(self.device).float() / 255.0)
             feats.append(f.double().cpu())
             logits.append(lg.float().cpu())
         if not feats:
@@ -218,7 +217,9 @@ def load_evaluator(path: str | Path | None = None, device: str = "cpu") -> Evalu
         )
     try:
         net = FeatureNet(**meta["architecture"])
-        state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(weights).items()}
+        state = {
+            k: v.float() if v.is_floating_point() else v for k, v in load_file(weights).items()
+        }
         net.load_state_dict(state, strict=True)
     except (RuntimeError, TypeError, ValueError) as e:
         raise EvaluatorError(
@@ -270,7 +271,9 @@ def _accuracy(net: FeatureNet, images: Tensor, labels: Tensor) -> float:
     return correct / len(labels)
 
 
-def _train_epoch(net, opt, sched, images, labels, *, batch_size, max_shift, seed, epoch) -> float:
+def _train_epoch(net, opt, sched, data, batch_size, max_shift, seed, epoch) -> float:
+    """One pass in a seeded order; returns the mean training loss."""
+    images, labels = data.train_images, data.train_labels
     net.train()
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)  # data order from (seed, epoch)
     order = torch.randperm(len(labels), generator=g)
@@ -306,7 +309,7 @@ def train_evaluator(
     weight_decay: float = 5e-4,
     max_shift: int = 2,
     seed: int = 0,
-    num_threads: int | None = 2,
+    num_threads: int | None = 1,
     log: Callable[[str], None] | None = print,
 ) -> dict:
     """Train the evaluator ``FeatureNet`` on MNIST and write it to ``out_dir``.
@@ -324,7 +327,8 @@ def train_evaluator(
         weight_decay: AdamW weight decay.
         max_shift: maximum random translation in pixels (0 disables augmentation).
         seed: seed for initialisation, dropout and data order.
-        num_threads: torch CPU threads during training (``None``: leave unchanged).
+        num_threads: torch CPU threads during training (``None``: leave unchanged). The shipped
+            weights were trained with 1; bitwise reproduction needs the same count.
         log: called with one progress line per epoch (``None``: silent).
 
     Returns:
@@ -357,14 +361,11 @@ def train_evaluator(
         steps = epochs * math.ceil(len(data.train_labels) / batch_size)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
         for epoch in range(epochs):
-            loss = _train_epoch(
-                net, opt, sched, data.train_images, data.train_labels,
-                batch_size=batch_size, max_shift=max_shift, seed=seed, epoch=epoch,
-            )  # fmt: skip
+            loss = _train_epoch(net, opt, sched, data, batch_size, max_shift, seed, epoch)
             acc = _accuracy(net, data.test_images, data.test_labels)
             if log:
-                log(f"epoch {epoch + 1}/{epochs} loss {loss:.4f} test_acc {acc:.4f} "
-                    f"({time.time() - start:.0f}s)")  # fmt: skip
+                elapsed = time.time() - start
+                log(f"epoch {epoch + 1}/{epochs} loss {loss:.4f} test_acc {acc:.4f} {elapsed:.0f}s")
     meta = {
         "format_version": FORMAT_VERSION,
         "architecture": arch,

@@ -18,8 +18,11 @@ def model_info(cfg: Config | None = None, checkpoint: str | None = None) -> dict
     else:
         spec = data_spec(cfg.data, DataSpec())
         backbone = build_denoiser(cfg, spec).backbone
-    report = {"backbone": cfg.model.type, "image": f"{spec.channels}x{spec.size}x{spec.size}",
-              "schedule": cfg.diffusion.schedule, "prediction": cfg.diffusion.prediction}
+    report = {
+        "backbone": cfg.model.type,
+        "image": f"{spec.channels}x{spec.size}x{spec.size}",
+        "schedule": cfg.diffusion.schedule,
+        "prediction": cfg.diffusion.prediction,
+    }
     report.update(model_report(backbone, spec))
     return report
-

@@ -10,8 +10,16 @@ from .parameterization import Denoiser, min_snr_weight, prediction_target
 LOSSES = ("mse", "l1")
 
 
-def diffusion_loss(denoiser: Denoiser, x0: Tensor, labels: Tensor | None, t: Tensor,
-                   noise: Tensor, *, loss: str = "mse", min_snr_gamma: float = 0.0) -> Tensor:
+def diffusion_loss(
+    denoiser: Denoiser,
+    x0: Tensor,
+    labels: Tensor | None,
+    t: Tensor,
+    noise: Tensor,
+    *,
+    loss: str = "mse",
+    min_snr_gamma: float = 0.0,
+) -> Tensor:
     """Per-example loss ``[B]`` of ``denoiser`` on clean ``x0`` noised to time ``t``.
 
     The caller draws ``t`` and ``noise``; this function is deterministic given its inputs.
@@ -32,6 +40,7 @@ def loss_by_time_bin(t: Tensor, losses: Tensor, num_bins: int = 10) -> tuple[Ten
     """Sum and count of ``losses`` in ``num_bins`` equal bins of ``t`` in [0, 1]."""
     bins = torch.clamp((t.detach().float() * num_bins).long(), 0, num_bins - 1)
     sums = torch.zeros(num_bins, dtype=torch.float64).index_add_(
-        0, bins.cpu(), losses.detach().double().cpu())
+        0, bins.cpu(), losses.detach().double().cpu()
+    )
     counts = torch.bincount(bins.cpu(), minlength=num_bins).double()
     return sums, counts

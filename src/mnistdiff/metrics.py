@@ -54,9 +54,7 @@ def _psd_sqrt(m: Tensor) -> Tensor:
     return (vecs * vals.clamp_min(0).sqrt()) @ vecs.T
 
 
-def frechet_distance(
-    mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: ArrayLike
-) -> float:
+def frechet_distance(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: ArrayLike) -> float:
     """Fréchet (2-Wasserstein²) distance between Gaussians N(mu1, sigma1) and N(mu2, sigma2).
 
     ``|mu1 - mu2|² + tr(S1 + S2 - 2 (S1^½ S2 S1^½)^½)``. The trace term uses the symmetric
@@ -326,9 +324,7 @@ def image_metrics(
     )
     g = torch.Generator().manual_seed(seed)
     m = min(n, len(ref_feats))
-    precision, recall = precision_recall(
-        _subsample(ref_feats, m, g), _subsample(feats, m, g), k=k
-    )
+    precision, recall = precision_recall(_subsample(ref_feats, m, g), _subsample(feats, m, g), k=k)
     return {
         "num_samples": n,
         "fd_mnist": frechet_distance(mu, sigma, reference["mu"], reference["sigma"]),

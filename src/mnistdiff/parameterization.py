@@ -24,8 +24,9 @@ def _check(prediction: str) -> None:
         raise ValueError(f"unknown prediction {prediction!r}; allowed: {list(PREDICTIONS)}")
 
 
-def prediction_target(prediction: str, x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor
-                      ) -> Tensor:
+def prediction_target(
+    prediction: str, x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor
+) -> Tensor:
     """The regression target of ``prediction`` for clean ``x0`` and noise ``eps``."""
     _check(prediction)
     if prediction == "eps":
@@ -37,8 +38,9 @@ def prediction_target(prediction: str, x0: Tensor, eps: Tensor, alpha: Tensor, s
     return eps - x0  # flow velocity: d/dt [(1 - t) x0 + t eps]
 
 
-def x0_from_prediction(prediction: str, pred: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor
-                       ) -> Tensor:
+def x0_from_prediction(
+    prediction: str, pred: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor
+) -> Tensor:
     """Invert :func:`prediction_target`: the clean-image estimate implied by ``pred``."""
     _check(prediction)
     if prediction == "eps":
@@ -59,12 +61,12 @@ def x0_error_scale(prediction: str, alpha: Tensor, sigma: Tensor) -> Tensor:
     """``c`` with ``x0_hat - x0 = c * (pred - target)``: how a prediction error maps to x0."""
     _check(prediction)
     if prediction == "eps":
-        return sigma / alpha
+        return -sigma / alpha
     if prediction == "x0":
         return torch.ones_like(alpha)
     if prediction == "v":
-        return sigma / (alpha**2 + sigma**2)
-    return sigma
+        return -sigma / (alpha**2 + sigma**2)
+    return -sigma
 
 
 def min_snr_weight(prediction: str, alpha: Tensor, sigma: Tensor, gamma: float) -> Tensor:
@@ -95,8 +97,14 @@ class Denoiser(nn.Module):
         image_shape: ``(C, H, W)`` of one image, for samplers that draw starting noise.
     """
 
-    def __init__(self, backbone: nn.Module, schedule, prediction: str, num_classes: int = 10,
-                 image_shape: tuple[int, int, int] = (1, 28, 28)):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        schedule,
+        prediction: str,
+        num_classes: int = 10,
+        image_shape: tuple[int, int, int] = (1, 28, 28),
+    ):
         super().__init__()
         _check(prediction)
         self.backbone = backbone

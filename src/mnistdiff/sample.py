@@ -60,8 +60,13 @@ class Samples:
     nfe: int
 
 
-def _denoise_fn(denoiser: Denoiser, labels: Tensor | None, opts: SampleOptions,
-                conditional: bool, precision: Precision) -> Callable:
+def _denoise_fn(
+    denoiser: Denoiser,
+    labels: Tensor | None,
+    opts: SampleOptions,
+    conditional: bool,
+    precision: Precision,
+) -> Callable:
     def model(x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         with precision.autocast(x.device):
             return denoiser(x, t, y)
@@ -69,8 +74,14 @@ def _denoise_fn(denoiser: Denoiser, labels: Tensor | None, opts: SampleOptions,
     if labels is None or not conditional:
         fn = unconditional(model, denoiser.null_label)
     else:
-        fn = classifier_free(model, labels, opts.guidance, denoiser.null_label,
-                             rescale=opts.guidance_rescale, interval=opts.guidance_interval)
+        fn = classifier_free(
+            model,
+            labels,
+            opts.guidance,
+            denoiser.null_label,
+            rescale=opts.guidance_rescale,
+            interval=opts.guidance_interval,
+        )
     return thresholded(fn, opts.threshold)
 
 
@@ -79,10 +90,19 @@ def _sampler_options(opts: SampleOptions) -> dict:
 
 
 @torch.no_grad()
-def generate(denoiser: Denoiser, labels: Tensor | None, num: int, opts: SampleOptions, *,
-             seed: int = 0, batch_size: int = 500, conditional: bool = True,
-             precision: Precision | None = None, progress: bool = False,
-             callback: Callable | None = None) -> Samples:
+def generate(
+    denoiser: Denoiser,
+    labels: Tensor | None,
+    num: int,
+    opts: SampleOptions,
+    *,
+    seed: int = 0,
+    batch_size: int = 500,
+    conditional: bool = True,
+    precision: Precision | None = None,
+    progress: bool = False,
+    callback: Callable | None = None,
+) -> Samples:
     """Generate ``num`` images (labels ``[num]`` or None for unconditional).
 
     Batch ``b`` uses a generator seeded from ``(seed, b)``: the same seed and batch size give
@@ -102,8 +122,15 @@ def generate(denoiser: Denoiser, labels: Tensor | None, num: int, opts: SampleOp
         y = None if labels is None else labels[start : start + n].to(device)
         fn = _denoise_fn(denoiser, y, opts, conditional, precision)
         x = initial_sample(denoiser.schedule, ts, noise)
-        result = info.fn(fn, x, denoiser.schedule, ts, generator=gen,
-                         callback=callback if b == 0 else None, **_sampler_options(opts))
+        result = info.fn(
+            fn,
+            x,
+            denoiser.schedule,
+            ts,
+            generator=gen,
+            callback=callback if b == 0 else None,
+            **_sampler_options(opts),
+        )
         outs.append(result.x.float().cpu())
         nfe = result.nfe  # per batch; identical for every batch
     x = torch.cat(outs) if outs else torch.empty((0, *spec_shape))
@@ -111,8 +138,12 @@ def generate(denoiser: Denoiser, labels: Tensor | None, num: int, opts: SampleOp
     return Samples(x=x, labels=out_labels.long(), nfe=nfe)
 
 
-def label_tensor(digits: Sequence[int] | None = None, per_class: int | None = None,
-                 num: int | None = None, num_classes: int = 10) -> Tensor:
+def label_tensor(
+    digits: Sequence[int] | None = None,
+    per_class: int | None = None,
+    num: int | None = None,
+    num_classes: int = 10,
+) -> Tensor:
     """Labels for a request: ``per_class`` rows of every class, or ``num`` cycling ``digits``."""
     if per_class is not None:
         return torch.arange(num_classes).repeat_interleave(per_class)
@@ -129,15 +160,29 @@ def label_tensor(digits: Sequence[int] | None = None, per_class: int | None = No
 class Pipeline:
     """A loaded model ready to sample: ``mnistdiff.load(path).sample(labels=[7] * 16)``."""
 
-    def __init__(self, cfg: Config, spec: DataSpec, denoiser: Denoiser, device: torch.device,
-                 precision: Precision, source: Path, info: dict | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        spec: DataSpec,
+        denoiser: Denoiser,
+        device: torch.device,
+        precision: Precision,
+        source: Path,
+        info: dict | None = None,
+    ):
         self.cfg, self.spec, self.denoiser = cfg, spec, denoiser
         self.device, self.precision, self.source = device, precision, source
         self.info = info or {}
 
     @classmethod
-    def load(cls, path: str | Path, *, device: str = "auto", use_ema: bool = True,
-             precision: str | None = None) -> Pipeline:
+    def load(
+        cls,
+        path: str | Path,
+        *,
+        device: str = "auto",
+        use_ema: bool = True,
+        precision: str | None = None,
+    ) -> Pipeline:
         """Rebuild from a run directory, a checkpoint file or an export directory."""
         kind, resolved = resolve(path)
         if kind == "export":
@@ -147,8 +192,7 @@ class Pipeline:
             blob = load_checkpoint(resolved)
             has_ema = blob.get("ema") is not None
             weights = blob["ema"]["model"] if use_ema and has_ema else blob["model"]
-            info = {"step": blob["step"], "epoch": blob.get("epoch"),
-                    "ema": use_ema and has_ema}
+            info = {"step": blob["step"], "epoch": blob.get("epoch"), "ema": use_ema and has_ema}
         cfg = from_dict(blob["config"])
         spec = DataSpec.from_dict(blob["data_spec"])
         dev = select_device(device)
@@ -169,9 +213,17 @@ class Pipeline:
         base.update({k: v for k, v in overrides.items() if v is not None})
         return SampleOptions(**base)
 
-    def generate(self, labels: Tensor | Sequence[int] | None = None, num: int | None = None, *,
-                 seed: int = 0, batch_size: int | None = None, progress: bool = False,
-                 callback: Callable | None = None, **options) -> Samples:
+    def generate(
+        self,
+        labels: Tensor | Sequence[int] | None = None,
+        num: int | None = None,
+        *,
+        seed: int = 0,
+        batch_size: int | None = None,
+        progress: bool = False,
+        callback: Callable | None = None,
+        **options,
+    ) -> Samples:
         """Images in model range (see :func:`generate`); ``options`` override SampleOptions."""
         nfe = options.pop("nfe", None)
         opts = self.default_options(**options)
@@ -186,13 +238,22 @@ class Pipeline:
                 raise ValueError(f"labels must be in 0..{self.spec.num_classes - 1}")
         if num is None:
             raise ValueError("give labels or num")
-        return generate(self.denoiser, labels, num, opts, seed=seed,
-                        batch_size=batch_size or self.cfg.sample.batch_size,
-                        conditional=self.conditional, precision=self.precision,
-                        progress=progress, callback=callback)
+        return generate(
+            self.denoiser,
+            labels,
+            num,
+            opts,
+            seed=seed,
+            batch_size=batch_size or self.cfg.sample.batch_size,
+            conditional=self.conditional,
+            precision=self.precision,
+            progress=progress,
+            callback=callback,
+        )
 
-    def sample(self, labels: Tensor | Sequence[int] | None = None, num: int | None = None,
-               **kwargs) -> Tensor:
+    def sample(
+        self, labels: Tensor | Sequence[int] | None = None, num: int | None = None, **kwargs
+    ) -> Tensor:
         """uint8 images ``[N, 28, 28]`` (padding removed)."""
         out = self.generate(labels, num, **kwargs)
         return self.to_uint8(out.x)
@@ -236,8 +297,9 @@ def load_npz(path: str | Path) -> tuple[Tensor, Tensor | None]:
     except (OSError, ValueError, KeyError) as exc:
         raise ValueError(f"{path}: not a samples .npz with an 'images' array ({exc})") from None
     if images.dtype != np.uint8 or images.ndim not in (3, 4):
-        raise ValueError(f"{path}: 'images' must be uint8 [N, H, W], got {images.dtype} "
-                         f"{images.shape}")
+        raise ValueError(
+            f"{path}: 'images' must be uint8 [N, H, W], got {images.dtype} {images.shape}"
+        )
     if images.ndim == 4:
         images = images[:, 0]
     lab = None if labels is None or (labels < 0).all() else torch.from_numpy(labels).long()

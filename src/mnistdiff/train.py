@@ -95,8 +95,9 @@ def default_run_dir(config_path: str | None) -> str:
     return f"runs/{Path(config_path).stem if config_path else 'default'}"
 
 
-def train(cfg: Config, *, resume: str | None = None, stop_after_steps: int | None = None,
-          log=print) -> Path:
+def train(
+    cfg: Config, *, resume: str | None = None, stop_after_steps: int | None = None, log=print
+) -> Path:
     """Train as ``cfg`` says; return the run directory.
 
     Args:
@@ -120,17 +121,32 @@ def train(cfg: Config, *, resume: str | None = None, stop_after_steps: int | Non
     log(describe(device, precision))
 
     data = load_train_data(cfg)
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank and run
     denoiser = build_denoiser(cfg, data.spec).to(device)
     backbone = denoiser.backbone
-    log(f"{cfg.model.type}: {sum(p.numel() for p in backbone.parameters()) / 1e6:.2f}M "
-        f"parameters; {len(data.train_y)} training / {len(data.val_y)} validation images")
+    log(
+        f"{cfg.model.type}: {sum(p.numel() for p in backbone.parameters()) / 1e6:.2f}M "
+        f"parameters; {len(data.train_y)} training / {len(data.val_y)} validation images"
+    )
     optimizer = torch.optim.AdamW(
-        backbone.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-        betas=(cfg.train.adam_beta1, cfg.train.adam_beta2))
-    ema = (EMA(backbone, cfg.train.ema_decay, half_life=cfg.train.ema_half_life,
-               start_step=cfg.train.ema_start_step) if cfg.train.ema else None)
-    batches = distributed.batch_iterator(len(data.train_y), cfg.train.batch_size,
-                                         cfg.train.seed, ctx)
+        backbone.parameters(),
+        lr=cfg.train.lr,
+        weight_decay=cfg.train.weight_decay,
+        betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
+    )
+    ema = (
+        EMA(
+            backbone,
+            cfg.train.ema_decay,
+            half_life=cfg.train.ema_half_life,
+            start_step=cfg.train.ema_start_step,
+        )
+        if cfg.train.ema
+        else None
+    )
+    batches = distributed.batch_iterator(
+        len(data.train_y), cfg.train.batch_size, cfg.train.seed, ctx
+    )
     total_steps = cfg.train.steps or cfg.train.epochs * batches.batches_per_epoch
     progress = Progress()
 
@@ -139,7 +155,8 @@ def train(cfg: Config, *, resume: str | None = None, stop_after_steps: int | Non
     elif ckpt_dir.exists() and any(ckpt_dir.glob("*.pt")):
         raise TrainingError(
             f"{run_dir} already holds checkpoints; continue it with --resume auto, or choose "
-            "a new --run-dir")
+            "a new --run-dir"
+        )
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -154,15 +171,28 @@ def train(cfg: Config, *, resume: str | None = None, stop_after_steps: int | Non
     def save(tag: str | None = None) -> None:
         if not ctx.is_main:
             return
-        state = _checkpoint_state(cfg, data, backbone, ema, optimizer, batches, progress,
-                                  total_steps)
+        state = _checkpoint_state(
+            cfg, data, backbone, ema, optimizer, batches, progress, total_steps
+        )
         _write_checkpoints(state, ckpt_dir, tag, progress, cfg.train.keep_last)
 
     start_step, t_start = progress.step, time.perf_counter()
-    window = {"loss": 0.0, "n": 0, "t0": time.perf_counter(), "images": 0,
-              "bins": torch.zeros(10, dtype=torch.float64), "counts": torch.zeros(10)}
-    bar = tqdm(total=total_steps, initial=progress.step, desc="train", unit="step",
-               disable=not (ctx.is_main and cfg.train.progress), dynamic_ncols=True)
+    window = {
+        "loss": 0.0,
+        "n": 0,
+        "t0": time.perf_counter(),
+        "images": 0,
+        "bins": torch.zeros(10, dtype=torch.float64),
+        "counts": torch.zeros(10),
+    }
+    bar = tqdm(
+        total=total_steps,
+        initial=progress.step,
+        desc="train",
+        unit="step",
+        disable=not (ctx.is_main and cfg.train.progress),
+        dynamic_ncols=True,
+    )
     stopped_by = None
     with _StopFlag() as stop:
         while progress.step < total_steps:
@@ -185,9 +215,15 @@ def train(cfg: Config, *, resume: str | None = None, stop_after_steps: int | Non
                 y = _drop_labels(y, cfg, denoiser.null_label, gen)
                 sync = k == cfg.train.grad_accum - 1
                 with distributed.maybe_no_sync(train_model, sync), precision.autocast(device):
-                    losses = diffusion_loss(train_model, x0, y, t, noise,
-                                            loss=cfg.diffusion.loss,
-                                            min_snr_gamma=cfg.diffusion.min_snr_gamma)
+                    losses = diffusion_loss(
+                        train_model,
+                        x0,
+                        y,
+                        t,
+                        noise,
+                        loss=cfg.diffusion.loss,
+                        min_snr_gamma=cfg.diffusion.min_snr_gamma,
+                    )
                 loss = losses.mean() / cfg.train.grad_accum
                 (scaler.scale(loss) if scaler else loss).backward()
                 step_loss += loss.item()
@@ -199,14 +235,15 @@ def train(cfg: Config, *, resume: str | None = None, stop_after_steps: int | Non
             if not math.isfinite(step_loss):
                 progress.skipped_steps += 1
                 if cfg.train.nonfinite == "stop" or (
-                        progress.skipped_steps > cfg.train.max_skipped_steps):
+                    progress.skipped_steps > cfg.train.max_skipped_steps
+                ):
                     bar.close()
                     raise TrainingError(
                         f"non-finite loss ({step_loss}) at step {step}; the last good "
                         f"checkpoint in {ckpt_dir} is kept. Lower train.lr, enable "
-                        "train.grad_clip, or set train.nonfinite=skip")
-                log(f"step {step}: non-finite loss, step skipped "
-                    f"({progress.skipped_steps} so far)")
+                        "train.grad_clip, or set train.nonfinite=skip"
+                    )
+                log(f"step {step}: non-finite loss, step skipped ({progress.skipped_steps} so far)")
                 optimizer.zero_grad(set_to_none=True)
                 grad_norm = float("nan")
             else:
@@ -232,8 +269,9 @@ def train(cfg: Config, *, resume: str | None = None, stop_after_steps: int | Non
                 record = _window_record(window, progress, lr, grad_norm)
                 progress.history.append(record)
                 logger.log(record)
-                bar.set_postfix(loss=f"{record['loss']:.4f}",
-                                img_s=f"{record['images_per_sec']:.0f}")
+                bar.set_postfix(
+                    loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_sec']:.0f}"
+                )
                 window.update(loss=0.0, n=0, t0=time.perf_counter(), images=0)
                 window["bins"].zero_()
                 window["counts"].zero_()
@@ -243,11 +281,16 @@ def train(cfg: Config, *, resume: str | None = None, stop_after_steps: int | Non
             progress.epoch = batches.epoch
             finished = progress.step == total_steps
             interrupted = stop.signum is not None or (
-                stop_after_steps is not None and progress.step - start_step >= stop_after_steps)
+                stop_after_steps is not None and progress.step - start_step >= stop_after_steps
+            )
             if _due(cfg.train.val_every, progress.step, epoch_done) or finished:
                 _validate(cfg, denoiser, ema, data, device, precision, progress, logger, log)
-            if epoch_done and ctx.is_main and cfg.train.preview_every_epochs and (
-                    progress.epoch % cfg.train.preview_every_epochs == 0):
+            if (
+                epoch_done
+                and ctx.is_main
+                and cfg.train.preview_every_epochs
+                and (progress.epoch % cfg.train.preview_every_epochs == 0)
+            ):
                 _preview(cfg, denoiser, ema, data, precision, run_dir, progress, logger)
             if _due(cfg.train.checkpoint_every, progress.step, epoch_done) or finished:
                 save("periodic")
@@ -263,8 +306,10 @@ def train(cfg: Config, *, resume: str | None = None, stop_after_steps: int | Non
     elapsed = time.perf_counter() - t_start
     done = progress.step - start_step
     if stopped_by is None:
-        log(f"finished {progress.step} steps in {elapsed / 60:.1f} min "
-            f"({done * cfg.train.batch_size / max(elapsed, 1e-9):.0f} images/s); run: {run_dir}")
+        log(
+            f"finished {progress.step} steps in {elapsed / 60:.1f} min "
+            f"({done * cfg.train.batch_size / max(elapsed, 1e-9):.0f} images/s); run: {run_dir}"
+        )
         return run_dir
     hint = f"resume with: mnistdiff train --config {run_dir / 'config.yaml'} --resume auto"
     if stopped_by == "stop_after_steps":
@@ -273,14 +318,16 @@ def train(cfg: Config, *, resume: str | None = None, stop_after_steps: int | Non
     name = signal.Signals(stopped_by).name
     raise TrainingInterrupted(
         f"{name}: checkpoint written at step {progress.step}/{total_steps}; {hint}",
-        exit_code=128 + int(stopped_by))
+        exit_code=128 + int(stopped_by),
+    )
 
 
 # --------------------------------------------------------------------------- step helpers
 
 
-def _drop_labels(y: torch.Tensor, cfg: Config, null_label: int, gen: torch.Generator
-                 ) -> torch.Tensor | None:
+def _drop_labels(
+    y: torch.Tensor, cfg: Config, null_label: int, gen: torch.Generator
+) -> torch.Tensor | None:
     """Replace labels by the null label with probability ``label_dropout`` (CFG training)."""
     if not cfg.model.conditional:
         return None
@@ -295,12 +342,18 @@ def _due(every: int, step: int, epoch_done: bool) -> bool:
 
 def _window_record(window: dict, progress: Progress, lr: float, grad_norm: float) -> dict:
     elapsed = max(time.perf_counter() - window["t0"], 1e-9)
-    record = {"step": progress.step, "epoch": progress.epoch,
-              "loss": window["loss"] / max(window["n"], 1), "lr": lr, "grad_norm": grad_norm,
-              "images_per_sec": window["images"] / elapsed}
+    record = {
+        "step": progress.step,
+        "epoch": progress.epoch,
+        "loss": window["loss"] / max(window["n"], 1),
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "images_per_sec": window["images"] / elapsed,
+    }
     per_bin = window["bins"] / window["counts"].clamp(min=1)
-    for i, (value, count) in enumerate(zip(per_bin.tolist(), window["counts"].tolist(),
-                                           strict=True)):
+    for i, (value, count) in enumerate(
+        zip(per_bin.tolist(), window["counts"].tolist(), strict=True)
+    ):
         if count:
             record[f"loss_t{i}"] = value
     return record
@@ -325,8 +378,15 @@ def _validate(cfg, denoiser, ema, data: TrainData, device, precision, progress, 
         t = sample_training_times(model.schedule, len(x0), gen, device)
         noise = torch.randn(x0.shape, generator=gen, device=device)
         with precision.autocast(device):
-            losses = diffusion_loss(model, x0, y, t, noise, loss=cfg.diffusion.loss,
-                                    min_snr_gamma=cfg.diffusion.min_snr_gamma)
+            losses = diffusion_loss(
+                model,
+                x0,
+                y,
+                t,
+                noise,
+                loss=cfg.diffusion.loss,
+                min_snr_gamma=cfg.diffusion.min_snr_gamma,
+            )
         total += losses.sum().item()
         count += len(x0)
     denoiser.train()
@@ -341,20 +401,36 @@ def _with_weights(denoiser, ema):
     """A denoiser that uses the EMA backbone when EMA is on."""
     if ema is None:
         return denoiser
-    return type(denoiser)(ema.model, denoiser.schedule, denoiser.prediction,
-                          denoiser.num_classes, denoiser.image_shape)
+    return type(denoiser)(
+        ema.model,
+        denoiser.schedule,
+        denoiser.prediction,
+        denoiser.num_classes,
+        denoiser.image_shape,
+    )
 
 
 def _preview(cfg, denoiser, ema, data: TrainData, precision, run_dir: Path, progress, logger):
     """A grid of samples, one row per class, written as ``samples/samples_epoch_XXX.png``."""
     model = _with_weights(denoiser, ema).eval()
-    labels = label_tensor(per_class=cfg.train.preview_per_class,
-                          num_classes=data.spec.num_classes) if cfg.model.conditional else None
+    labels = (
+        label_tensor(per_class=cfg.train.preview_per_class, num_classes=data.spec.num_classes)
+        if cfg.model.conditional
+        else None
+    )
     num = data.spec.num_classes * cfg.train.preview_per_class
     s = cfg.sample
     opts = SampleOptions(sampler=s.sampler, steps=s.steps, guidance=s.guidance, eta=s.eta)
-    out = generate(model, labels, num, opts, seed=cfg.train.seed, batch_size=s.batch_size,
-                   conditional=cfg.model.conditional, precision=precision)
+    out = generate(
+        model,
+        labels,
+        num,
+        opts,
+        seed=cfg.train.seed,
+        batch_size=s.batch_size,
+        conditional=cfg.model.conditional,
+        precision=precision,
+    )
     denoiser.train()
     from .data import from_model_range
 
@@ -367,8 +443,9 @@ def _preview(cfg, denoiser, ema, data: TrainData, precision, run_dir: Path, prog
 # --------------------------------------------------------------------------- checkpoints
 
 
-def _checkpoint_state(cfg, data, backbone, ema, optimizer, batches, progress: Progress,
-                      total_steps: int) -> dict:
+def _checkpoint_state(
+    cfg, data, backbone, ema, optimizer, batches, progress: Progress, total_steps: int
+) -> dict:
     return {
         "config": to_dict(cfg),
         "data_spec": data.spec.to_dict(),
@@ -385,8 +462,9 @@ def _checkpoint_state(cfg, data, backbone, ema, optimizer, batches, progress: Pr
     }
 
 
-def _write_checkpoints(state: dict, ckpt_dir: Path, tag: str | None, progress: Progress,
-                       keep_last: int) -> None:
+def _write_checkpoints(
+    state: dict, ckpt_dir: Path, tag: str | None, progress: Progress, keep_last: int
+) -> None:
     """``last.pt`` always; ``step_XXXXXXX.pt`` for periodic saves (keep the newest k);
     ``best.pt`` when the validation loss improved."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -416,8 +494,9 @@ def _resume_path(resume: str | None, ckpt_dir: Path) -> Path | None:
     return path
 
 
-def _restore(path: Path, cfg: Config, backbone, optimizer, ema, batches, progress: Progress,
-             log) -> None:
+def _restore(
+    path: Path, cfg: Config, backbone, optimizer, ema, batches, progress: Progress, log
+) -> None:
     """Load a checkpoint into the live objects after checking the config is compatible."""
     state = load_checkpoint(path)
     try:
@@ -430,7 +509,8 @@ def _restore(path: Path, cfg: Config, backbone, optimizer, ema, batches, progres
         lines = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in frozen)
         raise TrainingError(
             f"cannot resume {path}: the model/diffusion/data config differs from the "
-            f"checkpoint ({lines}). Use the run's config.yaml, or start a new --run-dir")
+            f"checkpoint ({lines}). Use the run's config.yaml, or start a new --run-dir"
+        )
     for key, a, b in changes:
         log(f"resume: {key} changed {a!r} -> {b!r}")
     backbone.load_state_dict(state["model"])

@@ -53,8 +53,9 @@ def build_backbone(cfg: ModelConfig, spec: SpecLike) -> nn.Module:
         ValueError: unknown ``cfg.type`` or an architecture that does not fit ``spec``.
     """
     if cfg.type not in BACKBONES:
-        raise ValueError(f"model.type: {cfg.type!r} is not registered; choose one of "
-                         f"{sorted(BACKBONES)}")
+        raise ValueError(
+            f"model.type: {cfg.type!r} is not registered; choose one of {sorted(BACKBONES)}"
+        )
     return BACKBONES[cfg.type](cfg, spec)
 
 

@@ -165,8 +165,9 @@ class DiT(nn.Module):
 def resolve_dit_size(cfg: DiTConfig) -> DiTSize:
     """The preset named by ``cfg.size`` with ``width/depth/heads`` overrides applied."""
     if cfg.size not in DIT_SIZES:
-        raise ValueError(f"model.dit.size: {cfg.size!r} is not allowed; choose one of "
-                         f"{list(DIT_SIZES)}")
+        raise ValueError(
+            f"model.dit.size: {cfg.size!r} is not allowed; choose one of {list(DIT_SIZES)}"
+        )
     base = DIT_SIZES[cfg.size]
     return DiTSize(
         width=cfg.width if cfg.width is not None else base.width,
@@ -176,7 +177,7 @@ def resolve_dit_size(cfg: DiTConfig) -> DiTSize:
 
 
 def validate_dit(cfg: DiTConfig, spec: SpecLike) -> None:
-    """Raise ValueError (naming the config key and allowed values) if ``cfg`` cannot fit ``spec``."""
+    """Raise ValueError naming the config key and allowed values if ``cfg`` cannot fit ``spec``."""
     allowed = [d for d in range(1, spec.size + 1) if spec.size % d == 0]
     if cfg.patch_size not in allowed:
         raise ValueError(

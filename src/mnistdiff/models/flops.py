@@ -3,8 +3,9 @@
 FlopCounterMode counts matrix multiplies, convolutions and attention as 2 FLOPs per
 multiply-accumulate (2 * MACs) and ignores elementwise ops (norms, activations, additions,
 softmax), which are a small share for these models. Counts are taken on a batch and divided by
-the batch size, so they are per image. CPU attention (``_scaled_dot_product_flash_attention_for_cpu``)
-is not in PyTorch's table; it is added here with the standard count (two batched matmuls).
+the batch size, so they are per image. CPU fused attention
+(``_scaled_dot_product_flash_attention_for_cpu`` and its backward) is not in PyTorch's table; it
+is added here with the standard count (two batched matmuls forward, five backward).
 """
 
 from __future__ import annotations

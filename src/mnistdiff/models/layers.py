@@ -109,7 +109,7 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention on token sequences ``[B, T, D]`` with ``F.scaled_dot_product_attention``.
+    """Multi-head self-attention on tokens ``[B, T, D]`` via ``F.scaled_dot_product_attention``.
 
     Args:
         dim: token width (divisible by ``num_heads``).

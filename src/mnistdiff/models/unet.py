@@ -175,7 +175,7 @@ class UNet(nn.Module):
 
 
 def validate_unet(cfg: UNetConfig, spec: SpecLike) -> None:
-    """Raise ValueError (naming the config key and allowed values) if ``cfg`` cannot fit ``spec``."""
+    """Raise ValueError naming the config key and allowed values if ``cfg`` cannot fit ``spec``."""
     mults = cfg.channel_mults
     if not mults or any(not isinstance(m, int) or m < 1 for m in mults):
         raise ValueError(

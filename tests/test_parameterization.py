@@ -1,0 +1,94 @@
+import pytest
+import torch
+
+from mnistdiff.parameterization import (
+    PREDICTIONS,
+    eps_from_x0,
+    min_snr_weight,
+    prediction_target,
+    x0_error_scale,
+    x0_from_prediction,
+)
+
+
+def _vp(t):
+    alpha = torch.cos(t * torch.pi / 2)
+    return alpha, torch.sin(t * torch.pi / 2)
+
+
+def _flow(t):
+    return 1 - t, t
+
+
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+@pytest.mark.parametrize("coef", [_vp, _flow])
+def test_round_trip(prediction, coef):
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(64, 5, generator=g, dtype=torch.float64)
+    eps = torch.randn(64, 5, generator=g, dtype=torch.float64)
+    t = torch.rand(64, 1, generator=g, dtype=torch.float64) * 0.98 + 0.01
+    alpha, sigma = coef(t)
+    if prediction == "velocity" and coef is _vp:
+        pytest.skip("flow velocity is defined for rectified flow only")
+    x_t = alpha * x0 + sigma * eps
+    target = prediction_target(prediction, x0, eps, alpha, sigma)
+    x0_hat = x0_from_prediction(prediction, target, x_t, alpha, sigma)
+    torch.testing.assert_close(x0_hat, x0)
+    torch.testing.assert_close(eps_from_x0(x0_hat, x_t, alpha, sigma), eps)
+    # the error scale maps a prediction error to the x0 error exactly
+    delta = torch.randn(64, 5, generator=g, dtype=torch.float64) * 1e-3
+    x0_pert = x0_from_prediction(prediction, target + delta, x_t, alpha, sigma)
+    c = x0_error_scale(prediction, alpha, sigma)
+    torch.testing.assert_close(x0_pert - x0, c * delta)
+
+
+def test_v_and_velocity_definitions():
+    x0, eps = torch.tensor([2.0]), torch.tensor([-1.0])
+    a, s = torch.tensor([0.6]), torch.tensor([0.8])
+    assert prediction_target("v", x0, eps, a, s).item() == pytest.approx(0.6 * -1 - 0.8 * 2)
+    assert prediction_target("velocity", x0, eps, a, s).item() == pytest.approx(-3.0)
+
+
+def test_min_snr_weights_match_formula():
+    t = torch.linspace(0.02, 0.98, 25, dtype=torch.float64)
+    alpha, sigma = _vp(t)
+    snr = (alpha / sigma) ** 2
+    g = 5.0
+    torch.testing.assert_close(
+        min_snr_weight("eps", alpha, sigma, g), torch.minimum(snr, torch.tensor(g)) / snr
+    )
+    torch.testing.assert_close(
+        min_snr_weight("x0", alpha, sigma, g), torch.minimum(snr, torch.tensor(g))
+    )
+    torch.testing.assert_close(
+        min_snr_weight("v", alpha, sigma, g), torch.minimum(snr, torch.tensor(g)) / (snr + 1)
+    )
+    fa, fs = _flow(t)
+    fsnr = (fa / fs) ** 2
+    torch.testing.assert_close(
+        min_snr_weight("velocity", fa, fs, g), torch.minimum(fsnr, torch.tensor(g)) * fs**2
+    )
+    assert torch.equal(min_snr_weight("eps", alpha, sigma, 0.0), torch.ones_like(alpha))
+
+
+def test_min_snr_makes_objectives_equivalent():
+    """Weighted losses of every objective equal the same min-SNR x0-space loss."""
+    g = torch.Generator().manual_seed(1)
+    t = torch.rand(32, 1, generator=g, dtype=torch.float64) * 0.9 + 0.05
+    alpha, sigma = _vp(t)
+    x0 = torch.randn(32, 3, generator=g, dtype=torch.float64)
+    eps = torch.randn(32, 3, generator=g, dtype=torch.float64)
+    x_t = alpha * x0 + sigma * eps
+    x0_hat = x0 + 0.1 * torch.randn(32, 3, generator=g, dtype=torch.float64)
+    ref = torch.minimum((alpha / sigma) ** 2, torch.tensor(5.0)) * (x0_hat - x0) ** 2
+    for p in ("eps", "x0", "v"):
+        eps_hat = eps_from_x0(x0_hat, x_t, alpha, sigma)
+        pred = prediction_target(p, x0_hat, eps_hat, alpha, sigma)
+        target = prediction_target(p, x0, eps, alpha, sigma)
+        loss = min_snr_weight(p, alpha, sigma, 5.0) * (pred - target) ** 2
+        torch.testing.assert_close(loss, ref)
+
+
+def test_unknown_prediction():
+    with pytest.raises(ValueError, match="allowed"):
+        prediction_target("noise", torch.zeros(1), torch.zeros(1), torch.ones(1), torch.ones(1))

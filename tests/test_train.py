@@ -1,0 +1,169 @@
+import json
+import math
+import signal
+
+import pytest
+import torch
+
+import mnistdiff.train as train_mod
+from mnistdiff.checkpoint import load_checkpoint
+from mnistdiff.train import TrainingError, TrainingInterrupted, lr_at, train
+
+
+def _quiet(*args, **kwargs):
+    pass
+
+
+def _tensors_equal(a, b):
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_tensors_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_tensors_equal(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+def test_run_directory_contents(smoke_cfg):
+    run = train(smoke_cfg(), log=_quiet)
+    assert (run / "config.yaml").is_file() and (run / "loss_curves.png").is_file()
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [2, 4, 6]
+    assert [r["step"] for r in records if "val_loss" in r] == [3, 6]
+    assert all(math.isfinite(r.get("loss", 0)) for r in records)
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == ["best.pt", "last.pt", "step_0000003.pt", "step_0000006.pt"]
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    for key in (
+        "model",
+        "ema",
+        "optimizer",
+        "lr_schedule",
+        "step",
+        "epoch",
+        "data_state",
+        "history",
+        "config",
+        "data_spec",
+        "format_version",
+    ):
+        assert key in state
+    assert state["step"] == 6 and state["data_state"]["position"] == 6
+
+
+def test_exact_resume_bit_for_bit(smoke_cfg):
+    overrides = ("model.unet.dropout=0.2", "diffusion.label_dropout=0.3")
+    full = train(smoke_cfg(*overrides, name="full"), log=_quiet)
+    part_cfg = smoke_cfg(*overrides, name="part")
+    train(part_cfg, stop_after_steps=4, log=_quiet)
+    assert load_checkpoint(part_cfg.train.run_dir + "/checkpoints/last.pt")["step"] == 4
+    train(part_cfg, resume="auto", log=_quiet)
+    a = load_checkpoint(full / "checkpoints" / "last.pt")
+    b = load_checkpoint(part_cfg.train.run_dir + "/checkpoints/last.pt")
+    assert a["step"] == b["step"] == 6
+    for key in ("model", "ema", "optimizer", "data_state"):
+        assert _tensors_equal(a[key], b[key]), key
+    losses_a = [r["loss"] for r in a["history"] if "loss" in r]
+    losses_b = [r["loss"] for r in b["history"] if "loss" in r]
+    assert losses_a == losses_b
+
+
+def test_resume_refuses_model_change_and_reports_train_change(smoke_cfg):
+    cfg = smoke_cfg()
+    train(cfg, stop_after_steps=2, log=_quiet)
+    with pytest.raises(TrainingError, match=r"model.unet.channels: 16 -> 32"):
+        train(smoke_cfg("model.unet.channels=32"), resume="auto", log=_quiet)
+    messages = []
+    train(smoke_cfg("train.lr=0.0005"), resume="auto", log=messages.append)
+    assert any("train.lr changed" in m for m in messages)
+
+
+def test_fresh_run_refuses_existing_checkpoints(smoke_cfg):
+    train(smoke_cfg(), stop_after_steps=1, log=_quiet)
+    with pytest.raises(TrainingError, match="--resume auto"):
+        train(smoke_cfg(), log=_quiet)
+
+
+def _loss_hook(monkeypatch, at_call, action):
+    calls = {"n": 0}
+    real = train_mod.diffusion_loss
+
+    def patched(*args, **kwargs):
+        out = real(*args, **kwargs)
+        if not torch.is_grad_enabled():  # validation
+            return out
+        calls["n"] += 1
+        if calls["n"] == at_call:
+            return action(out)
+        return out
+
+    monkeypatch.setattr(train_mod, "diffusion_loss", patched)
+
+
+def test_sigterm_writes_checkpoint(smoke_cfg, monkeypatch):
+    import os
+
+    def send(out):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    _loss_hook(monkeypatch, 2, send)  # during step index 1
+    cfg = smoke_cfg("train.checkpoint_every=0")
+    with pytest.raises(TrainingInterrupted) as info:
+        train(cfg, log=_quiet)
+    assert info.value.exit_code == 128 + signal.SIGTERM
+    assert "--resume auto" in str(info.value)
+    state = load_checkpoint(cfg.train.run_dir + "/checkpoints/last.pt")
+    assert state["step"] == 2  # the running step finished, then stopped
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good(smoke_cfg, monkeypatch):
+    _loss_hook(monkeypatch, 5, lambda out: out * float("nan"))  # step index 4
+    cfg = smoke_cfg()
+    with pytest.raises(TrainingError, match="non-finite loss.*step 4"):
+        train(cfg, log=_quiet)
+    assert load_checkpoint(cfg.train.run_dir + "/checkpoints/last.pt")["step"] == 3
+
+
+def test_nonfinite_loss_skip(smoke_cfg, monkeypatch):
+    _loss_hook(monkeypatch, 2, lambda out: out * float("inf"))
+    cfg = smoke_cfg("train.nonfinite=skip")
+    train(cfg, log=_quiet)
+    state = load_checkpoint(cfg.train.run_dir + "/checkpoints/last.pt")
+    assert state["skipped_steps"] == 1 and state["step"] == 6
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+COMBOS = [(s, p) for s in ("linear", "cosine", "sigmoid") for p in ("eps", "x0", "v")] + [
+    ("flow", p) for p in ("velocity", "eps", "x0", "v")
+]
+
+
+@pytest.mark.parametrize("schedule,prediction", COMBOS)
+def test_every_objective_and_schedule_trains(smoke_cfg, schedule, prediction):
+    cfg = smoke_cfg(
+        f"diffusion.schedule={schedule}",
+        f"diffusion.prediction={prediction}",
+        "diffusion.min_snr_gamma=5",
+        "train.steps=3",
+        "train.checkpoint_every=3",
+        "train.val_every=3",
+        "train.log_every=1",
+    )
+    run = train(cfg, log=_quiet)
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    losses = [r["loss"] for r in state["history"] if "loss" in r]
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_lr_schedule():
+    from mnistdiff.config import TrainConfig
+
+    cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10)
+    assert lr_at(0, 110, cfg) == pytest.approx(0.1)
+    assert lr_at(9, 110, cfg) == pytest.approx(1.0)
+    assert lr_at(10, 110, cfg) == pytest.approx(1.0)
+    assert lr_at(60, 110, cfg) == pytest.approx(0.55)
+    assert lr_at(110, 110, cfg) == pytest.approx(0.1)
