@@ -1,0 +1,252 @@
+"""End-to-end CLI tests on configs/smoke.yaml and real MNIST, for both backbones."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mnistdiff.cli import main
+
+from conftest import ROOT
+
+
+def run(*argv):
+    return main([str(a) for a in argv])
+
+
+def test_help_lists_commands(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for cmd in ("data", "config", "train", "sample", "export", "evaluate", "info"):
+        assert cmd in out
+
+
+def test_console_script_help():
+    out = subprocess.run(
+        [sys.executable, "-m", "mnistdiff", "train", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "--resume" in out and "--stop-after-steps" in out
+
+
+def test_config_command_prints_overrides(capsys):
+    assert (
+        run(
+            "config",
+            "--config",
+            ROOT / "configs/smoke.yaml",
+            "--lr",
+            "0.01",
+            "--set",
+            "model.unet.channels=24",
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "lr: 0.01" in out and "channels: 24" in out
+
+
+def test_user_error_is_one_line(capsys):
+    assert run("config", "--set", "train.lrr=1") == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mnistdiff: error: unknown config key 'train.lrr'")
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_data_writes_png(real_mnist, tmp_path, capsys):
+    out = tmp_path / "real.png"
+    assert run("data", "--data-dir", real_mnist, "--per-class", "3", "--out", out) == 0
+    img = Image.open(out)
+    assert img.mode == "L" and img.size[0] > 28 * 3
+    assert "train: 60000 images" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("backbone", ["unet", "dit"])
+def test_train_sample_export_end_to_end(real_mnist, tmp_path, backbone, capsys):
+    run_dir = tmp_path / backbone
+    assert (
+        run(
+            "train",
+            "--config",
+            ROOT / "configs/smoke.yaml",
+            "--run-dir",
+            run_dir,
+            "--model-type",
+            backbone,
+            "--data-dir",
+            real_mnist,
+        )
+        == 0
+    )
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert state["config"]["model"]["type"] == backbone
+
+    grid, npz = tmp_path / "g.png", tmp_path / "s.npz"
+    assert (
+        run(
+            "sample",
+            "--checkpoint",
+            run_dir,
+            "--sampler",
+            "ddpm",
+            "--steps",
+            "10",
+            "--per-class",
+            "2",
+            "--out",
+            grid,
+            "--save-npz",
+            npz,
+        )
+        == 0
+    )
+    assert Image.open(grid).size[1] > 28 * 10  # ten rows
+    with np.load(npz) as f:
+        assert f["images"].shape == (20, 28, 28) and f["images"].dtype == np.uint8
+        assert f["labels"].tolist() == [c for c in range(10) for _ in range(2)]
+
+    assert (
+        run(
+            "sample",
+            "--checkpoint",
+            run_dir,
+            "--sampler",
+            "ddim",
+            "--steps",
+            "4",
+            "--guidance",
+            "3",
+            "--digits",
+            "3,7",
+            "--num",
+            "4",
+            "--out",
+            grid,
+            "--gif",
+            tmp_path / "t.gif",
+        )
+        == 0
+    )
+    assert Image.open(tmp_path / "t.gif").n_frames >= 2
+
+    export = tmp_path / "export"
+    assert run("export", "--checkpoint", run_dir, "--out", export) == 0
+    assert (export / "model.safetensors").is_file()
+    npz2 = tmp_path / "s2.npz"
+    assert (
+        run(
+            "sample",
+            "--checkpoint",
+            export,
+            "--sampler",
+            "ddpm",
+            "--steps",
+            "10",
+            "--per-class",
+            "2",
+            "--out",
+            grid,
+            "--save-npz",
+            npz2,
+        )
+        == 0
+    )
+    with np.load(npz) as a, np.load(npz2) as b:  # export = EMA weights = checkpoint default
+        assert np.array_equal(a["images"], b["images"])
+    assert run("info", "--checkpoint", export) == 0
+    assert "forward_flops_per_image" in capsys.readouterr().out
+
+
+def test_same_seed_same_images_and_unconditional(real_mnist, tmp_path):
+    run_dir = tmp_path / "u"
+    assert (
+        run(
+            "train",
+            "--config",
+            ROOT / "configs/smoke.yaml",
+            "--run-dir",
+            run_dir,
+            "--set",
+            "model.conditional=false",
+            "--steps",
+            "2",
+        )
+        == 0
+    )
+    paths = [tmp_path / f"{i}.npz" for i in range(3)]
+    for path, seed in zip(paths, (5, 5, 6), strict=True):
+        assert (
+            run(
+                "sample",
+                "--checkpoint",
+                run_dir,
+                "--num",
+                "6",
+                "--unconditional",
+                "--seed",
+                seed,
+                "--steps",
+                "3",
+                "--out",
+                tmp_path / "g.png",
+                "--save-npz",
+                path,
+            )
+            == 0
+        )
+    a, b, c = (np.load(p)["images"] for p in paths)
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert (np.load(paths[0])["labels"] == -1).all()
+
+
+def test_sample_errors(real_mnist, tmp_path, capsys):
+    assert run("sample", "--checkpoint", tmp_path / "missing") == 1
+    assert "not found" in capsys.readouterr().err
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert run("sample", "--checkpoint", bad) == 1
+    assert "not a readable mnistdiff checkpoint" in capsys.readouterr().err
+
+
+def test_evaluate_json(real_mnist, tmp_path):
+    run_dir = tmp_path / "e"
+    assert run("train", "--config", ROOT / "configs/smoke.yaml", "--run-dir", run_dir) == 0
+    out = tmp_path / "eval.json"
+    assert (
+        run(
+            "evaluate",
+            "--checkpoint",
+            run_dir,
+            "--num-samples",
+            "40",
+            "--steps",
+            "3",
+            "--json",
+            out,
+            "--model-metrics",
+        )
+        == 0
+    )
+    result = json.loads(out.read_text())
+    for key in (
+        "fd_mnist",
+        "kid",
+        "precision",
+        "recall",
+        "class_accuracy",
+        "num_samples",
+        "nfe",
+        "bits_per_dim",
+    ):
+        assert key in result, key
+    assert result["num_samples"] == 40 and result["nfe"] == 3
+    assert result["fd_mnist"] > 0 and 0 <= result["class_accuracy"] <= 1
+    assert result["bits_per_dim"] > 0
