@@ -9,9 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mnistdiff.cli import main
-
 from conftest import ROOT
+from mnistdiff.cli import main
 
 
 def run(*argv):

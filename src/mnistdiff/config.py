@@ -45,7 +45,7 @@ def _opt(
 @dataclass(frozen=True)
 class DataConfig:
     dataset: str = _opt("mnist", choices=("mnist", "fashion_mnist", "kmnist"))
-    data_dir: str | None = _opt(None, help="folder with the IDX files; else $MNIST_DIR or cache")
+    data_dir: str | None = _opt(None, help="IDX folder; else $MNIST_DIR (or $<NAME>_DIR), cache")
     download: bool = _opt(True, help="download missing files from the public mirrors")
     val_size: int = _opt(5000, lo=0, hi=30000, help="held-out training images for validation")
     pad_to_32: bool = _opt(False, help="zero-pad 28x28 images to 32x32")
@@ -64,7 +64,7 @@ class UNetConfig:
 @dataclass(frozen=True)
 class DiTConfig:
     size: str = _opt("small", choices=("tiny", "small", "base"), help="named size preset")
-    patch_size: int = _opt(4, choices=(2, 4, 7))
+    patch_size: int = _opt(4, choices=(2, 4, 7, 8), help="must divide the image size")
     width: int | None = _opt(None, lo=16, hi=4096, help="overrides the preset")
     depth: int | None = _opt(None, lo=1, hi=64, help="overrides the preset")
     heads: int | None = _opt(None, lo=1, hi=64, help="overrides the preset")

@@ -1,7 +1,17 @@
 """Multi-process training with PyTorch's DistributedDataParallel (launched by torchrun).
 
 Single-process runs go through the same functions with ``world_size = 1``, so the training loop
-has one code path. NCCL on CUDA, gloo on CPU; a timeout makes a dead rank bring the job down.
+has one code path. NCCL on CUDA, gloo on CPU. A process-group timeout
+(``MNISTDIFF_DIST_TIMEOUT_MIN``, default 10 minutes) turns a hung collective into an error;
+torchrun stops the other workers as soon as one exits with an error.
+
+Conventions (see ``docs/distributed.md``):
+
+- ``train.batch_size`` is the *global* batch; rank ``r`` of ``W`` takes the contiguous slice
+  ``[r*B/W, (r+1)*B/W)`` of every global batch, for data and for per-example randomness alike
+  (:func:`shard`), so the examples, times, noise and label drops of a step do not depend on the
+  number of processes or on gradient accumulation.
+- Only rank 0 writes files; every rank holds the same weights, optimizer state and EMA.
 """
 
 from __future__ import annotations
@@ -9,16 +19,22 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from .data import BatchIterator
 from .parameterization import Denoiser
 
-TIMEOUT = datetime.timedelta(minutes=int(os.environ.get("MNISTDIFF_DIST_TIMEOUT_MIN", "10")))
+TIMEOUT_ENV = "MNISTDIFF_DIST_TIMEOUT_MIN"
+
+
+class DistributedError(ValueError):
+    """The distributed launch or batch split is misconfigured (message says what to change)."""
 
 
 @dataclass(frozen=True)
@@ -32,28 +48,66 @@ class DistContext:
 
     @property
     def is_main(self) -> bool:
+        """Rank 0: the only process that writes files and logs."""
         return self.rank == 0
 
     @property
     def is_distributed(self) -> bool:
+        """More than one process."""
         return self.world_size > 1
 
 
+def timeout() -> datetime.timedelta:
+    """Process-group timeout: ``$MNISTDIFF_DIST_TIMEOUT_MIN`` minutes (default 10)."""
+    raw = os.environ.get(TIMEOUT_ENV, "10")
+    try:
+        minutes = float(raw)
+    except ValueError:
+        minutes = -1.0
+    if minutes <= 0:
+        raise DistributedError(f"{TIMEOUT_ENV}={raw!r}: expected a positive number of minutes")
+    return datetime.timedelta(minutes=minutes)
+
+
 def setup(device_name: str = "auto") -> DistContext:
-    """Join the process group when launched by torchrun (``WORLD_SIZE`` > 1)."""
+    """Join the process group when launched by torchrun (``WORLD_SIZE`` > 1).
+
+    Args:
+        device_name: ``train.device``. Under torchrun, ``auto``/``cuda``/``cuda:N`` mean "the GPU
+            of my ``LOCAL_RANK``" (NCCL) when CUDA is present, ``cpu`` (or ``auto`` without CUDA)
+            means gloo on CPU; MPS cannot be shared by several processes.
+
+    Returns:
+        The context; ``DistContext()`` (rank 0 of 1) for a plain single-process run.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistContext()
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda")
-    if use_cuda:
-        torch.cuda.set_device(local)
-        device, backend = torch.device("cuda", local), "nccl"
-    else:
-        device, backend = torch.device("cpu"), "gloo"
+    device, backend = _device_and_backend(device_name, local)
     if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=TIMEOUT)
+        dist.init_process_group(backend, timeout=timeout())
     return DistContext(rank=rank, world_size=world, local_rank=local, device=device)
+
+
+def _device_and_backend(device_name: str, local_rank: int) -> tuple[torch.device, str]:
+    kind = device_name.split(":")[0]
+    if kind == "mps":
+        raise DistributedError(
+            "multi-process training supports CUDA (NCCL) and CPU (gloo), not MPS; "
+            "use --device cpu or a single process"
+        )
+    if kind == "cuda" or (kind == "auto" and torch.cuda.is_available()):
+        if local_rank >= torch.cuda.device_count():
+            raise DistributedError(
+                f"LOCAL_RANK {local_rank} has no GPU ({torch.cuda.device_count()} visible); "
+                "set --nproc_per_node to at most the number of GPUs, or use --device cpu"
+            )
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank), "nccl"
+    if kind not in ("auto", "cpu"):
+        raise DistributedError(f"unsupported device {device_name!r}; use auto, cpu or cuda")
+    return torch.device("cpu"), "gloo"
 
 
 def teardown() -> None:
@@ -62,16 +116,51 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
+def barrier(ctx: DistContext) -> None:
+    """Wait for every rank (no-op for one process); fails after the process-group timeout."""
+    if ctx.is_distributed:
+        dist.all_reduce(torch.zeros(1, device=_comm_device(ctx)))
+
+
+@contextlib.contextmanager
+def local_main_first(ctx: DistContext) -> Iterator[None]:
+    """Run the body on each node's local rank 0 first (e.g. a download), then on the others."""
+    first = ctx.local_rank == 0
+    if not first:
+        barrier(ctx)
+    yield
+    if first:
+        barrier(ctx)
+
+
+def micro_batch_size(batch_size: int, grad_accum: int, ctx: DistContext) -> int:
+    """Examples per forward pass: ``batch_size / (world_size * grad_accum)``.
+
+    Raises:
+        DistributedError: when the global batch does not split evenly.
+    """
+    parts = ctx.world_size * grad_accum
+    if batch_size % parts:
+        raise DistributedError(
+            f"train.batch_size {batch_size} (the global batch) must be divisible by "
+            f"processes x train.grad_accum = {ctx.world_size} x {grad_accum} = {parts}; "
+            f"choose a batch size that is a multiple of {parts}"
+        )
+    return batch_size // parts
+
+
 def batch_iterator(
     num_examples: int, batch_size: int, seed: int, ctx: DistContext
 ) -> BatchIterator:
-    """This rank's shard of every global batch."""
-    if batch_size % ctx.world_size:
-        raise ValueError(
-            f"train.batch_size {batch_size} (the global batch) must be divisible by the "
-            f"number of processes {ctx.world_size}"
-        )
+    """This rank's shard of every global batch (the position is counted in global batches)."""
+    micro_batch_size(batch_size, 1, ctx)
     return BatchIterator(num_examples, batch_size, seed, rank=ctx.rank, world_size=ctx.world_size)
+
+
+def shard(x: Tensor, ctx: DistContext) -> Tensor:
+    """This rank's contiguous slice (along dim 0) of a tensor over the global batch."""
+    n = x.shape[0] // ctx.world_size
+    return x[ctx.rank * n : (ctx.rank + 1) * n]
 
 
 def wrap(denoiser: Denoiser, ctx: DistContext, compile_backbone: bool = False) -> Denoiser:
@@ -99,12 +188,43 @@ def maybe_no_sync(model: Denoiser, sync: bool):
     return contextlib.nullcontext()
 
 
+def _comm_device(ctx: DistContext) -> torch.device:
+    return ctx.device if ctx.device is not None else torch.device("cpu")
+
+
 def mean_scalar(value: float, ctx: DistContext) -> float:
     """Average a Python float over ranks."""
     if not ctx.is_distributed:
         return value
-    t = torch.tensor(
-        [value], dtype=torch.float64, device=ctx.device if ctx.device is not None else "cpu"
-    )
+    t = torch.tensor([value], dtype=torch.float64, device=_comm_device(ctx))
     dist.all_reduce(t)
     return t.item() / ctx.world_size
+
+
+def agree_step(loss: float, signum: int | None, ctx: DistContext) -> tuple[float, int | None]:
+    """One collective per step: the loss averaged over ranks and whether any rank got a signal.
+
+    Every rank then takes the same decision (skip a non-finite step, stop on SIGTERM), so no
+    rank waits in a collective the others have left.
+
+    Returns:
+        ``(mean loss, the largest signal number seen by any rank, or None)``.
+    """
+    if not ctx.is_distributed:
+        return loss, signum
+    mine = torch.tensor([loss, float(signum or 0)], dtype=torch.float64, device=_comm_device(ctx))
+    rows = [torch.empty_like(mine) for _ in range(ctx.world_size)]
+    dist.all_gather(rows, mine)
+    table = torch.stack(rows).cpu()  # [world, 2]
+    top = int(table[:, 1].max().item())
+    return table[:, 0].sum().item() / ctx.world_size, (top or None)
+
+
+def sum_(tensors: list[Tensor], ctx: DistContext) -> None:
+    """Sum each tensor over ranks, in place (no-op for one process)."""
+    if not ctx.is_distributed:
+        return
+    for t in tensors:
+        buf = t.to(_comm_device(ctx))
+        dist.all_reduce(buf)
+        t.copy_(buf)
