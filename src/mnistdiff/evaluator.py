@@ -32,6 +32,7 @@ from mnistdiff.atomic import atomic_path, atomic_write_text
 ASSET_DIR = Path(__file__).resolve().parent / "assets"
 WEIGHTS_NAME = "evaluator.safetensors"
 FORMAT_VERSION = 1
+DEFAULT_EPOCHS = 5  # recipe of the shipped weights
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # pixel statistics of the MNIST training set in [0, 1]
 
 
@@ -303,7 +304,7 @@ def train_evaluator(
     out_dir: str | Path,
     *,
     data_dir: str | Path | None = None,
-    epochs: int = 5,
+    epochs: int | None = None,
     batch_size: int = 128,
     lr: float = 3e-3,
     weight_decay: float = 5e-4,
@@ -321,7 +322,7 @@ def train_evaluator(
     Args:
         out_dir: output directory (created if needed).
         data_dir: directory with the MNIST IDX files (``None``: the data module's default).
-        epochs: passes over the 60k training images.
+        epochs: passes over the 60k training images (``None``: ``DEFAULT_EPOCHS`` = 5).
         batch_size: images per step.
         lr: peak learning rate of the one-cycle schedule.
         weight_decay: AdamW weight decay.
@@ -336,6 +337,7 @@ def train_evaluator(
     """
     from mnistdiff.data import load_dataset
 
+    epochs = DEFAULT_EPOCHS if epochs is None else epochs
     if epochs < 1 or batch_size < 1 or max_shift < 0:
         raise ValueError(
             f"need epochs >= 1, batch_size >= 1, max_shift >= 0; got {epochs}, {batch_size}, "

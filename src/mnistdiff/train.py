@@ -1,8 +1,10 @@
 """Training: ``train(cfg) -> run_dir``. The loop is one visible function.
 
-Randomness of step ``s`` comes only from ``(seed, s, rank)`` and the data order only from
-``(seed, epoch)`` plus a saved position, so training N steps equals training k, stopping,
-resuming and training N - k, bit for bit on CPU.
+Randomness of step ``s`` comes only from ``(seed, s)`` (dropout also from the rank) and the data
+order only from ``(seed, epoch)`` plus a saved position, so training N steps equals training k,
+stopping, resuming and training N - k, bit for bit on CPU. Times, noise and label drops are drawn
+for the whole global batch and each rank takes its shard, so 1 process, N processes and gradient
+accumulation see the same per-example randomness.
 """
 
 from __future__ import annotations
@@ -68,10 +70,18 @@ def lr_at(step: int, total_steps: int, cfg) -> float:
 
 
 class _StopFlag:
-    """Catch SIGINT/SIGTERM: remember the signal, let the current step finish."""
+    """Catch SIGINT/SIGTERM: remember the signal, let the current step finish.
+
+    A second signal stops at once, unless it comes within ``grace`` seconds of the first: under
+    torchrun/SLURM a worker often receives the same SIGTERM twice (from the scheduler and from
+    the launcher), and that must not cancel the checkpoint write.
+    """
+
+    grace = 2.0
 
     def __init__(self):
         self.signum: int | None = None
+        self._t = 0.0
         self._old = {}
 
     def __enter__(self):
@@ -82,8 +92,10 @@ class _StopFlag:
 
     def _handle(self, signum, frame):
         if self.signum is not None:  # second signal: stop now
-            raise KeyboardInterrupt
-        self.signum = signum
+            if time.monotonic() - self._t > self.grace:
+                raise KeyboardInterrupt
+            return
+        self.signum, self._t = signum, time.monotonic()
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
@@ -120,7 +132,8 @@ def train(
         torch.set_num_threads(cfg.train.num_threads)
     log(describe(device, precision))
 
-    data = load_train_data(cfg)
+    with distributed.local_main_first(ctx):  # one download per node
+        data = load_train_data(cfg)
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank and run
     denoiser = build_denoiser(cfg, data.spec).to(device)
     backbone = denoiser.backbone
@@ -165,7 +178,7 @@ def train(
 
     train_model = distributed.wrap(denoiser, ctx, cfg.train.compile)
     scaler = torch.amp.GradScaler(device.type) if precision.grad_scaler else None
-    micro = cfg.train.batch_size // ctx.world_size // cfg.train.grad_accum
+    micro = distributed.micro_batch_size(cfg.train.batch_size, cfg.train.grad_accum, ctx)
     x_all, y_all = data.train_x.to(device), data.train_y.to(device)
 
     def save(tag: str | None = None) -> None:
@@ -205,14 +218,15 @@ def train(
 
             # ---- one optimizer step (grad accumulation over micro-batches)
             torch.manual_seed(seed_for(cfg.train.seed, step, ctx.rank))  # dropout etc.
-            gen = step_generator(cfg.train.seed, step, ctx.rank, device)
+            gen = step_generator(cfg.train.seed, step, 0, device)  # same on every rank
+            t_all, noise_all, u_all = _draw_step(cfg, denoiser.schedule, x_all.shape[1:], gen, ctx)
             optimizer.zero_grad(set_to_none=True)
             step_loss = 0.0
             for k, part in enumerate(idx.split(micro)):
+                mb = slice(k * micro, (k + 1) * micro)  # this micro-batch within the shard
                 x0, y = x_all[part], y_all[part]
-                t = sample_training_times(denoiser.schedule, len(part), gen, device)
-                noise = torch.randn(x0.shape, generator=gen, device=device)
-                y = _drop_labels(y, cfg, denoiser.null_label, gen)
+                t, noise = t_all[mb], noise_all[mb]
+                y = _drop_labels(y, u_all[mb], cfg, denoiser.null_label)
                 sync = k == cfg.train.grad_accum - 1
                 with distributed.maybe_no_sync(train_model, sync), precision.autocast(device):
                     losses = diffusion_loss(
@@ -230,7 +244,7 @@ def train(
                 b_sum, b_cnt = loss_by_time_bin(t, losses)
                 window["bins"] += b_sum
                 window["counts"] += b_cnt
-            step_loss = distributed.mean_scalar(step_loss, ctx)
+            step_loss, signum = distributed.agree_step(step_loss, stop.signum, ctx)
 
             if not math.isfinite(step_loss):
                 progress.skipped_steps += 1
@@ -266,6 +280,7 @@ def train(
             window["n"] += 1
             window["images"] += cfg.train.batch_size
             if progress.step % cfg.train.log_every == 0 or progress.step == total_steps:
+                distributed.sum_([window["bins"], window["counts"]], ctx)
                 record = _window_record(window, progress, lr, grad_norm)
                 progress.history.append(record)
                 logger.log(record)
@@ -280,10 +295,10 @@ def train(
             epoch_done = batches.epoch != epoch_before
             progress.epoch = batches.epoch
             finished = progress.step == total_steps
-            interrupted = stop.signum is not None or (
+            interrupted = signum is not None or (
                 stop_after_steps is not None and progress.step - start_step >= stop_after_steps
             )
-            if _due(cfg.train.val_every, progress.step, epoch_done) or finished:
+            if ctx.is_main and (_due(cfg.train.val_every, progress.step, epoch_done) or finished):
                 _validate(cfg, denoiser, ema, data, device, precision, progress, logger, log)
             if (
                 epoch_done
@@ -297,15 +312,16 @@ def train(
             elif interrupted:
                 save()
             if interrupted:
-                stopped_by = stop.signum or "stop_after_steps"
+                stopped_by = signum or "stop_after_steps"
                 break
+        distributed.barrier(ctx)  # no rank exits before rank 0 has written its checkpoint
     bar.close()
     logger.close()
     if ctx.is_main:
         plot_loss_curves(progress.history, run_dir / "loss_curves.png")
     elapsed = time.perf_counter() - t_start
     done = progress.step - start_step
-    if stopped_by is None:
+    if stopped_by is None or not ctx.is_main:  # other ranks: rank 0 reports and sets the code
         log(
             f"finished {progress.step} steps in {elapsed / 60:.1f} min "
             f"({done * cfg.train.batch_size / max(elapsed, 1e-9):.0f} images/s); run: {run_dir}"
@@ -325,13 +341,23 @@ def train(
 # --------------------------------------------------------------------------- step helpers
 
 
+def _draw_step(cfg: Config, schedule, image_shape, gen: torch.Generator, ctx):
+    """Times, noise and label-drop uniforms drawn for the whole global batch of one step;
+    returns this rank's shard of each (so they do not depend on the number of processes)."""
+    n, device = cfg.train.batch_size, gen.device
+    t = sample_training_times(schedule, n, gen, device)
+    noise = torch.randn((n, *image_shape), generator=gen, device=device)
+    u = torch.rand(n, generator=gen, device=device)
+    return tuple(distributed.shard(v, ctx) for v in (t, noise, u))
+
+
 def _drop_labels(
-    y: torch.Tensor, cfg: Config, null_label: int, gen: torch.Generator
+    y: torch.Tensor, u: torch.Tensor, cfg: Config, null_label: int
 ) -> torch.Tensor | None:
-    """Replace labels by the null label with probability ``label_dropout`` (CFG training)."""
+    """Replace labels by the null label where ``u < label_dropout`` (CFG training)."""
     if not cfg.model.conditional:
         return None
-    drop = torch.rand(y.shape, generator=gen, device=y.device) < cfg.diffusion.label_dropout
+    drop = u < cfg.diffusion.label_dropout
     return torch.where(drop, torch.full_like(y, null_label), y)
 
 
@@ -523,7 +549,11 @@ def _restore(
     try:
         batches.load_state_dict(state["data_state"])
     except ValueError as exc:
-        raise TrainingError(f"cannot resume {path}: {exc}") from None
+        raise TrainingError(
+            f"cannot resume {path}: {exc}. The data position is counted in global batches: "
+            "keep train.batch_size (the global batch over all processes) and train.seed as "
+            "saved; the number of processes may change if it divides the batch"
+        ) from None
     progress.step, progress.epoch = state["step"], state["epoch"]
     progress.skipped_steps = state["skipped_steps"]
     progress.best_value = state["best_value"]

@@ -1,0 +1,456 @@
+"""Throughput of each recipe on this machine: training and sampling speed, fp32 vs bf16.
+
+For every recipe (a config file) and precision, side by side in one process:
+
+- training images/s through the real training loop (``mnistdiff.train.train``: Denoiser,
+  diffusion_loss, AdamW, EMA, data path), one metrics record per step, warm-up steps dropped;
+- sampling images/s through the real sampling engine (``Pipeline.generate``) with the recipe's
+  sampler, steps and guidance, also per network evaluation (image-NFEs/s);
+- model FLOPs per training image (forward + backward, ``mnistdiff.models.flops.train_flops``) and
+  per sampled image, achieved FLOP/s and model FLOP utilisation (MFU) against square-matmul
+  peaks (fp32 and bf16) measured in the same run;
+- peak memory (CPU: peak RSS, reset before each measurement where Linux allows; CUDA:
+  ``torch.cuda.max_memory_allocated``);
+- a ``torch.profiler`` breakdown of training steps (top ops by self CPU time).
+
+JSON goes to stdout (and ``--out``); progress goes to stderr. ``--tiny`` runs in seconds.
+Example: ``python benchmarks/throughput.py --configs configs/quick.yaml --out tp.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mnistdiff.atomic import atomic_write_text
+from mnistdiff.config import Config, ConfigError, apply_overrides, from_dict, load_config, to_dict
+from mnistdiff.device import select_device
+from mnistdiff.models.flops import forward_flops, train_flops
+from mnistdiff.sample import Pipeline, label_tensor
+from mnistdiff.tracking import read_metrics
+from mnistdiff.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIGS = ("configs/quick.yaml", "configs/dit.yaml")
+PRECISIONS = ("fp32", "bf16")
+# The measurement runs must not spend time on anything but steps: no validation, previews,
+# periodic checkpoints or TensorBoard; one metrics record per step gives per-step timings.
+MEASURE_TRAIN = {
+    "steps": 10**9,
+    "log_every": 1,
+    "val_every": 10**9,
+    "checkpoint_every": 10**9,
+    "preview_every_epochs": 0,
+    "eval_every_epochs": 0,
+    "tensorboard": False,
+    "progress": False,
+}
+
+
+def log(message: str) -> None:
+    """Progress line on stderr (stdout is reserved for the JSON result)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- recipes
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A named, resolved config to benchmark."""
+
+    name: str
+    source: str
+    cfg: Config
+
+
+def with_train(cfg: Config, **train_keys: Any) -> Config:
+    """``cfg`` with ``train.<key>`` values replaced (validated like any override)."""
+    overrides = {f"train.{k}": v for k, v in train_keys.items()}
+    return from_dict(apply_overrides(to_dict(cfg), overrides))
+
+
+def load_recipe(path: str, overrides: list[str], name: str | None = None) -> Recipe:
+    """Resolve a config file (relative paths also tried from the repository root)."""
+    p = Path(path)
+    if not p.is_file() and (ROOT / p).is_file():
+        p = ROOT / p
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    return Recipe(name or p.stem, str(path), load_config(p, overrides))
+
+
+def tiny_recipes(overrides: list[str]) -> list[Recipe]:
+    """``configs/smoke.yaml`` with each backbone: a few seconds of work in total."""
+    smoke = "configs/smoke.yaml"
+    return [
+        load_recipe(smoke, [*overrides, "model.type=unet"], "smoke-unet"),
+        load_recipe(smoke, [*overrides, "model.type=dit"], "smoke-dit"),
+    ]
+
+
+# --------------------------------------------------------------------------- memory, peaks
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory window (CPU: Linux ``clear_refs``; elsewhere a no-op)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets the peak RSS that getrusage reports
+    except OSError:
+        pass  # not Linux: the peak is the process high-water mark
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory since the last reset: CUDA allocator peak, or peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, else KiB
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(
+    dtype: torch.dtype, size: int, repeats: int, device: torch.device
+) -> dict[str, float]:
+    """Best FLOP/s of ``size x size`` matmuls in ``dtype`` (``2 n^3`` FLOPs each)."""
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(size, size, generator=g, device=device).to(dtype)
+    b = torch.randn(size, size, generator=g, device=device).to(dtype)
+    torch.mm(a, b)  # warm-up (library init, thread pool)
+    best = math.inf
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return {"size": size, "flops_per_sec": 2 * size**3 / best, "seconds": best}
+
+
+# --------------------------------------------------------------------------- training speed
+
+
+def _step_seconds(run_dir: Path, batch_size: int, skip: int) -> list[float]:
+    """Per-step seconds from the run's per-step metrics records, after ``skip`` steps."""
+    records = [r for r in read_metrics(run_dir) if "images_per_sec" in r and r["step"] > skip]
+    return [batch_size / r["images_per_sec"] for r in records]
+
+
+def timed_train_steps(
+    cfg: Config, precision: str, steps: int, warmup: int, run_dir: Path
+) -> list[float]:
+    """Run ``warmup + steps`` steps of the real training loop; seconds of the last ``steps``."""
+    run_cfg = with_train(cfg, **MEASURE_TRAIN, precision=precision, run_dir=str(run_dir))
+    train(run_cfg, stop_after_steps=warmup + steps, log=lambda *a, **k: None)
+    return _step_seconds(run_dir, cfg.train.batch_size, warmup)
+
+
+def measure_training(
+    cfg: Config, precision: str, seconds: float, warmup: int, workdir: Path
+) -> dict[str, Any]:
+    """Training images/s of ``cfg`` at ``precision`` for about ``seconds`` of steps.
+
+    A short calibration run (``warmup`` + 3 steps) sizes the measured run; each run is a fresh
+    ``train()`` call. The returned ``run_dir`` holds the last run's checkpoint.
+    """
+    device = select_device(cfg.train.device)
+    run_dir = workdir / f"{precision}-calibrate"
+    reset_peak_memory(device)
+    times = timed_train_steps(cfg, precision, 3, warmup, run_dir)
+    wanted = math.ceil(seconds / statistics.median(times))
+    if wanted > len(times):
+        run_dir = workdir / f"{precision}-measure"
+        reset_peak_memory(device)
+        times = timed_train_steps(cfg, precision, wanted, warmup, run_dir)
+    total = sum(times)
+    return {
+        "train_images_per_sec": len(times) * cfg.train.batch_size / total,
+        "train_step_seconds_median": statistics.median(times),
+        "train_steps_measured": len(times),
+        "train_seconds_measured": total,
+        "train_peak_memory_mb": peak_memory_mb(device),
+        "run_dir": run_dir,
+    }
+
+
+# --------------------------------------------------------------------------- sampling speed
+
+
+def forwards_per_nfe(conditional: bool, guidance: float) -> int:
+    """Images per network call per sampled image: 2 for batched classifier-free guidance."""
+    return 2 if conditional and guidance not in (0.0, 1.0) else 1
+
+
+def measure_sampling(pipe: Pipeline, num: int, seconds: float) -> dict[str, Any]:
+    """Sampling images/s with the recipe's sampler settings, one batch of ``num`` per call."""
+    labels = None
+    if pipe.conditional:
+        labels = label_tensor(per_class=-(-num // pipe.spec.num_classes))[:num]
+    pipe.generate(labels, num, batch_size=num, steps=min(2, pipe.cfg.sample.steps))  # warm-up
+    reset_peak_memory(pipe.device)
+    images, elapsed, calls = 0, 0.0, 0
+    while calls == 0 or elapsed < seconds:
+        t0 = time.perf_counter()
+        out = pipe.generate(labels, num, seed=calls, batch_size=num)
+        _sync(pipe.device)
+        elapsed += time.perf_counter() - t0
+        images += num
+        calls += 1
+    return {
+        "sample_images_per_sec": images / elapsed,
+        "sample_image_nfes_per_sec": images * out.nfe / elapsed,
+        "sample_batch": num,
+        "sample_seconds_measured": elapsed,
+        "sample_peak_memory_mb": peak_memory_mb(pipe.device),
+        "nfe": out.nfe,
+    }
+
+
+# --------------------------------------------------------------------------- profile
+
+
+def _op_totals(prof) -> dict[str, tuple[float, int]]:
+    return {e.key: (e.self_cpu_time_total, e.count) for e in prof.key_averages()}
+
+
+def _profiled_run(cfg: Config, precision: str, steps: int, run_dir: Path):
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU]
+    if torch.cuda.is_available() and select_device(cfg.train.device).type == "cuda":
+        acts.append(ProfilerActivity.CUDA)
+    with profile(activities=acts) as prof:
+        times = timed_train_steps(cfg, precision, steps, 0, run_dir)
+    return _op_totals(prof), times
+
+
+def profile_training(
+    cfg: Config, precision: str, steps: int, warmup: int, workdir: Path, top: int = 10
+) -> dict[str, Any]:
+    """Top ops by self CPU time per training step, under ``torch.profiler``.
+
+    Two profiled ``train()`` calls, of ``warmup`` and of ``warmup + steps`` steps, differ only
+    by ``steps`` steps: subtracting their per-op totals cancels set-up, data loading and the
+    final checkpoint, leaving the ops of the steps themselves.
+    """
+    base, _ = _profiled_run(cfg, precision, warmup, workdir / "profile-base")
+    full, times = _profiled_run(cfg, precision, warmup + steps, workdir / "profile-full")
+    step_us = 1e6 * sum(times[warmup:]) / steps
+    ops = []
+    for name, (us, count) in full.items():
+        b_us, b_count = base.get(name, (0.0, 0))
+        ops.append((max(us - b_us, 0.0) / steps, (count - b_count) / steps, name))
+    ops.sort(reverse=True)
+    tracked_us = sum(us for us, _, _ in ops)
+    return {
+        "precision": precision,
+        "steps": steps,
+        "step_ms_under_profiler": step_us / 1e3,
+        "ops_self_cpu_ms_per_step": tracked_us / 1e3,
+        "untracked_ms_per_step": max(step_us - tracked_us, 0.0) / 1e3,
+        "top_ops": [
+            {
+                "op": name,
+                "self_cpu_ms_per_step": us / 1e3,
+                "share_of_step": us / step_us if step_us else None,
+                "calls_per_step": count,
+            }
+            for us, count, name in ops[:top]
+        ],
+    }
+
+
+# --------------------------------------------------------------------------- one recipe
+
+
+def model_flops(pipe: Pipeline) -> dict[str, int]:
+    """Parameters, and per-image FLOPs of a training step and of one full sample."""
+    backbone, cfg = pipe.denoiser.backbone, pipe.cfg
+    cond = cfg.model.conditional
+    fwd = forward_flops(backbone, pipe.spec, batch_size=2, conditional=cond)
+    trn = train_flops(backbone, pipe.spec, batch_size=2, conditional=cond)
+    return {
+        "parameters": sum(p.numel() for p in backbone.parameters()),
+        "forward_flops_per_image": fwd,
+        "train_flops_per_image": trn,
+        "forwards_per_nfe": forwards_per_nfe(cond, cfg.sample.guidance),
+    }
+
+
+def _rates(res: dict, flops: dict, peaks: dict, precision: str) -> dict[str, float]:
+    """Achieved FLOP/s and MFU (vs the same precision's peak and vs the bf16 peak)."""
+    train_fs = res["train_images_per_sec"] * flops["train_flops_per_image"]
+    per_nfe = flops["forward_flops_per_image"] * flops["forwards_per_nfe"]
+    sample_fs = res["sample_image_nfes_per_sec"] * per_nfe
+    own, bf16 = peaks[precision]["flops_per_sec"], peaks["bf16"]["flops_per_sec"]
+    return {
+        "train_flops_per_sec": train_fs,
+        "train_mfu": train_fs / own,
+        "train_mfu_vs_bf16_peak": train_fs / bf16,
+        "sample_flops_per_image": per_nfe * res["nfe"],
+        "sample_flops_per_sec": sample_fs,
+        "sample_mfu": sample_fs / own,
+    }
+
+
+def bench_recipe(recipe: Recipe, args, peaks: dict, workdir: Path) -> dict[str, Any]:
+    """Every measurement of one recipe, each precision side by side."""
+    cfg = recipe.cfg
+    s = cfg.sample
+    out: dict[str, Any] = {
+        "name": recipe.name,
+        "config": recipe.source,
+        "model": cfg.model.type,
+        "batch_size": cfg.train.batch_size,
+        "recipe_precision": cfg.train.precision,
+        "sampler": s.sampler,
+        "sampler_steps": s.steps,
+        "guidance": s.guidance if cfg.model.conditional else None,
+    }
+    per_precision = {}
+    for precision in args.precisions:
+        log(f"[{recipe.name}] {precision}: training")
+        res = measure_training(cfg, precision, args.seconds, args.warmup, workdir / recipe.name)
+        pipe = Pipeline.load(res.pop("run_dir"), device=cfg.train.device, precision=precision)
+        if "train_flops_per_image" not in out:
+            out.update(model_flops(pipe))
+        log(f"[{recipe.name}] {precision}: sampling")
+        num = args.sample_batch or min(s.batch_size, 256)
+        res.update(measure_sampling(pipe, num, args.seconds))
+        out["nfe"] = res.pop("nfe")
+        res.update(_rates({**res, "nfe": out["nfe"]}, out, peaks, precision))
+        per_precision[precision] = res
+    out["precisions"] = per_precision
+    if {"fp32", "bf16"} <= per_precision.keys():
+        fp32, bf16 = per_precision["fp32"], per_precision["bf16"]
+        out["bf16_speedup_train"] = bf16["train_images_per_sec"] / fp32["train_images_per_sec"]
+        out["bf16_speedup_sample"] = bf16["sample_images_per_sec"] / fp32["sample_images_per_sec"]
+    if args.profile_steps:
+        log(f"[{recipe.name}] profiling {args.profile_steps} steps ({cfg.train.precision})")
+        out["profile"] = profile_training(
+            cfg, cfg.train.precision, args.profile_steps, args.warmup, workdir / recipe.name
+        )
+    return out
+
+
+# --------------------------------------------------------------------------- main
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Where the numbers were measured."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    return {
+        "device": str(device),
+        "device_name": name or platform.machine(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+    }
+
+
+def write_result(result: dict, out: str | None) -> None:
+    """JSON on stdout, and atomically to ``out`` when given."""
+    text = json.dumps(result, indent=2) + "\n"
+    sys.stdout.write(text)
+    if out:
+        atomic_write_text(out, text)
+        log(f"wrote {out}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options (``--tiny`` fills in tiny defaults for unset ones)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--configs", nargs="+", help=f"recipes (default: {' '.join(DEFAULT_CONFIGS)})")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override applied to every recipe (repeatable)")  # fmt: skip
+    p.add_argument("--batch-size", type=int, help="training batch size (default: the recipe's)")
+    p.add_argument("--sample-batch", type=int, help="images per sampling call (default ≤ 256)")
+    p.add_argument("--seconds", type=float, help="timed seconds per measurement (default 10)")
+    p.add_argument("--warmup", type=int, help="untimed warm-up steps per run (default 5)")
+    p.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
+    p.add_argument("--matmul-size", type=int, help="square matmul size for the peak (2048)")
+    p.add_argument("--profile-steps", type=int, help="profiled training steps; 0 = skip (5)")
+    p.add_argument("--device", help="auto | cpu | cuda | mps (default: the recipe's)")
+    p.add_argument("--data-dir", help="folder with the MNIST IDX files (else $MNIST_DIR)")
+    p.add_argument("--tiny", action="store_true", help="smoke-sized run of a few seconds")
+    p.add_argument("--out", help="also write the JSON here")
+    args = p.parse_args(argv)
+    tiny = {"seconds": 0.3, "warmup": 1, "matmul_size": 256, "profile_steps": 2, "sample_batch": 8}
+    full = {"seconds": 10.0, "warmup": 5, "matmul_size": 2048, "profile_steps": 5}
+    for key, value in (tiny if args.tiny else full).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.tiny and args.configs:
+        p.error("--tiny uses configs/smoke.yaml; do not combine it with --configs")
+    for key in ("seconds", "warmup", "matmul_size", "profile_steps"):
+        if getattr(args, key) < (1e-3 if key == "seconds" else 0):
+            p.error(f"--{key.replace('_', '-')} must be positive, got {getattr(args, key)}")
+    return args
+
+
+def recipe_overrides(args: argparse.Namespace) -> list[str]:
+    """Command-line flags as config overrides."""
+    out = list(args.set)
+    if args.batch_size:
+        out.append(f"train.batch_size={args.batch_size}")
+    if args.device:
+        out.append(f"train.device={args.device}")
+    if args.data_dir:
+        out.append(f"data.data_dir={args.data_dir}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Benchmark every recipe; print the JSON."""
+    args = parse_args(argv)
+    overrides = recipe_overrides(args)
+    try:
+        recipes = (
+            tiny_recipes(overrides)
+            if args.tiny
+            else [load_recipe(c, overrides) for c in args.configs or DEFAULT_CONFIGS]
+        )
+    except ConfigError as exc:
+        log(f"throughput.py: error: {exc}")
+        return 2
+    device = select_device(recipes[0].cfg.train.device)
+    if recipes[0].cfg.train.num_threads:
+        torch.set_num_threads(recipes[0].cfg.train.num_threads)
+    log(f"matmul peaks ({args.matmul_size}²)")
+    peaks = {
+        "fp32": matmul_peak(torch.float32, args.matmul_size, 5, device),
+        "bf16": matmul_peak(torch.bfloat16, args.matmul_size, 5, device),
+    }
+    result = {**environment(device), "matmul_peak": peaks, "recipes": []}
+    with tempfile.TemporaryDirectory(prefix="mnistdiff-throughput-") as tmp:
+        for recipe in recipes:
+            result["recipes"].append(bench_recipe(recipe, args, peaks, Path(tmp)))
+    result["threads"] = torch.get_num_threads()
+    write_result(result, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
