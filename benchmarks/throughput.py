@@ -29,7 +29,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -94,12 +94,8 @@ def load_recipe(path: str, overrides: list[str], name: str | None = None) -> Rec
 
 
 def tiny_recipes(overrides: list[str]) -> list[Recipe]:
-    """``configs/smoke.yaml`` with each backbone: a few seconds of work in total."""
-    smoke = "configs/smoke.yaml"
-    return [
-        load_recipe(smoke, [*overrides, "model.type=unet"], "smoke-unet"),
-        load_recipe(smoke, [*overrides, "model.type=dit"], "smoke-dit"),
-    ]
+    """``configs/smoke.yaml`` (tiny UNet): a few seconds of work in total."""
+    return [load_recipe("configs/smoke.yaml", overrides, "smoke")]
 
 
 # --------------------------------------------------------------------------- memory, peaks
@@ -146,6 +142,18 @@ def matmul_peak(
         _sync(device)
         best = min(best, time.perf_counter() - t0)
     return {"size": size, "flops_per_sec": 2 * size**3 / best, "seconds": best}
+
+
+def matmul_peaks(
+    sizes: list[int], device: torch.device, repeats: int = 5
+) -> dict[str, dict[str, Any]]:
+    """Per precision, the best :func:`matmul_peak` over ``sizes`` (with every size's result)."""
+    out = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        runs = [matmul_peak(dtype, n, repeats, device) for n in sizes]
+        best = max(runs, key=lambda r: r["flops_per_sec"])
+        out[name] = {**best, "by_size": runs}
+    return out
 
 
 # --------------------------------------------------------------------------- training speed
@@ -314,6 +322,16 @@ def _rates(res: dict, flops: dict, peaks: dict, precision: str) -> dict[str, flo
     }
 
 
+def _speedups(per_precision: dict) -> dict[str, float]:
+    if not {"fp32", "bf16"} <= per_precision.keys():
+        return {}
+    fp32, bf16 = per_precision["fp32"], per_precision["bf16"]
+    return {
+        "bf16_speedup_train": bf16["train_images_per_sec"] / fp32["train_images_per_sec"],
+        "bf16_speedup_sample": bf16["sample_images_per_sec"] / fp32["sample_images_per_sec"],
+    }
+
+
 def bench_recipe(recipe: Recipe, args, peaks: dict, workdir: Path) -> dict[str, Any]:
     """Every measurement of one recipe, each precision side by side."""
     cfg = recipe.cfg
@@ -342,10 +360,7 @@ def bench_recipe(recipe: Recipe, args, peaks: dict, workdir: Path) -> dict[str, 
         res.update(_rates({**res, "nfe": out["nfe"]}, out, peaks, precision))
         per_precision[precision] = res
     out["precisions"] = per_precision
-    if {"fp32", "bf16"} <= per_precision.keys():
-        fp32, bf16 = per_precision["fp32"], per_precision["bf16"]
-        out["bf16_speedup_train"] = bf16["train_images_per_sec"] / fp32["train_images_per_sec"]
-        out["bf16_speedup_sample"] = bf16["sample_images_per_sec"] / fp32["sample_images_per_sec"]
+    out.update(_speedups(per_precision), threads=torch.get_num_threads())
     if args.profile_steps:
         log(f"[{recipe.name}] profiling {args.profile_steps} steps ({cfg.train.precision})")
         out["profile"] = profile_training(
@@ -354,15 +369,115 @@ def bench_recipe(recipe: Recipe, args, peaks: dict, workdir: Path) -> dict[str, 
     return out
 
 
+# --------------------------------------------------------------------------- diffusers baseline
+
+
+def _timed_loop(fn, seconds: float, min_calls: int = 1) -> tuple[int, float]:
+    """Call ``fn`` until ``seconds`` have passed (at least ``min_calls`` times)."""
+    calls, elapsed = 0, 0.0
+    while calls < min_calls or elapsed < seconds:
+        t0 = time.perf_counter()
+        fn()
+        elapsed += time.perf_counter() - t0
+        calls += 1
+    return calls, elapsed
+
+
+def _diffusers_precision(dr, recipe, x, y, args, num: int) -> dict[str, Any]:
+    """Training and sampling speed of the tutorial recipe at one precision (CPU)."""
+    model = dr.build(recipe).train()
+    opt = torch.optim.Adam(model.parameters(), lr=recipe.lr)
+    sched, gen = dr.noise_scheduler(recipe), torch.Generator().manual_seed(0)
+
+    def step():
+        idx = torch.randint(0, len(y), (recipe.batch_size,), generator=gen)
+        dr.train_step(model, opt, sched, x[idx], y[idx], recipe, gen)
+
+    device = torch.device("cpu")
+    reset_peak_memory(device)
+    for _ in range(args.warmup):
+        step()
+    steps, secs = _timed_loop(step, args.seconds, 2)
+    res = {
+        "train_images_per_sec": steps * recipe.batch_size / secs,
+        "train_step_seconds_median": secs / steps,
+        "train_steps_measured": steps,
+        "train_seconds_measured": secs,
+        "train_peak_memory_mb": peak_memory_mb(device),
+    }
+    labels = dr.balanced_labels(num)
+    dr.sample(model, labels, replace(recipe, sample_steps=1), batch_size=num)  # warm-up
+    reset_peak_memory(device)
+    calls, secs = _timed_loop(
+        lambda: dr.sample(model, labels, recipe, batch_size=num), args.seconds
+    )
+    return res | {
+        "sample_images_per_sec": calls * num / secs,
+        "sample_image_nfes_per_sec": calls * num * recipe.sample_steps / secs,
+        "sample_batch": num,
+        "sample_seconds_measured": secs,
+        "sample_peak_memory_mb": peak_memory_mb(device),
+    }
+
+
+def bench_diffusers(args, peaks: dict, cfg: Config) -> dict[str, Any]:
+    """The diffusers tutorial recipe (``diffusers_recipe.py``), measured like the recipes."""
+    import diffusers_recipe as dr
+    from mnistdiff.build import load_train_data
+    from mnistdiff.data import DataSpec
+
+    recipe = replace(dr.DiffusersRecipe(), **dr.TINY) if args.tiny else dr.DiffusersRecipe()
+    if args.batch_size:
+        recipe = replace(recipe, batch_size=args.batch_size)
+    data = load_train_data(cfg)
+    model, spec = dr.build(recipe), DataSpec(channels=1, size=28, num_classes=10)
+    out: dict[str, Any] = {
+        "name": "diffusers",
+        "config": "benchmarks/diffusers_recipe.py",
+        "model": "diffusers.UNet2DModel",
+        "batch_size": recipe.batch_size,
+        "recipe_precision": recipe.precision,
+        "sampler": "ddim",
+        "sampler_steps": recipe.sample_steps,
+        "guidance": None,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "forward_flops_per_image": forward_flops(model, spec, batch_size=2),
+        "train_flops_per_image": train_flops(model, spec, batch_size=2),
+        "forwards_per_nfe": 1,
+        "nfe": recipe.sample_steps,
+    }
+    per_precision = {}
+    num = args.sample_batch or 256
+    for precision in args.precisions:
+        log(f"[diffusers] {precision}: training and sampling")
+        prec_recipe = replace(recipe, precision=precision)
+        res = _diffusers_precision(dr, prec_recipe, data.train_x, data.train_y, args, num)
+        res.update(_rates({**res, "nfe": out["nfe"]}, out, peaks, precision))
+        per_precision[precision] = res
+    out["precisions"] = per_precision
+    out.update(_speedups(per_precision))
+    return out
+
+
 # --------------------------------------------------------------------------- main
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def environment(device: torch.device) -> dict[str, Any]:
     """Where the numbers were measured."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
     return {
         "device": str(device),
-        "device_name": name or platform.machine(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
@@ -390,23 +505,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seconds", type=float, help="timed seconds per measurement (default 10)")
     p.add_argument("--warmup", type=int, help="untimed warm-up steps per run (default 5)")
     p.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
-    p.add_argument("--matmul-size", type=int, help="square matmul size for the peak (2048)")
+    p.add_argument("--matmul-sizes", type=int, nargs="+", help="square matmul sizes (1024 2048)")
     p.add_argument("--profile-steps", type=int, help="profiled training steps; 0 = skip (5)")
     p.add_argument("--device", help="auto | cpu | cuda | mps (default: the recipe's)")
+    p.add_argument("--baseline", choices=("diffusers",), help="also measure this baseline (CPU)")
     p.add_argument("--data-dir", help="folder with the MNIST IDX files (else $MNIST_DIR)")
     p.add_argument("--tiny", action="store_true", help="smoke-sized run of a few seconds")
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args(argv)
-    tiny = {"seconds": 0.3, "warmup": 1, "matmul_size": 256, "profile_steps": 2, "sample_batch": 8}
-    full = {"seconds": 10.0, "warmup": 5, "matmul_size": 2048, "profile_steps": 5}
+    tiny = {"seconds": 0.1, "warmup": 1, "matmul_sizes": [128, 256], "profile_steps": 1}
+    tiny["sample_batch"] = 8
+    full = {"seconds": 10.0, "warmup": 5, "matmul_sizes": [1024, 2048], "profile_steps": 5}
     for key, value in (tiny if args.tiny else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.tiny and args.configs:
         p.error("--tiny uses configs/smoke.yaml; do not combine it with --configs")
-    for key in ("seconds", "warmup", "matmul_size", "profile_steps"):
-        if getattr(args, key) < (1e-3 if key == "seconds" else 0):
-            p.error(f"--{key.replace('_', '-')} must be positive, got {getattr(args, key)}")
+    if args.seconds <= 0 or args.warmup < 0 or args.profile_steps < 0:
+        p.error("--seconds must be > 0; --warmup and --profile-steps >= 0")
+    if min(args.matmul_sizes) < 1:
+        p.error(f"--matmul-sizes must be >= 1, got {args.matmul_sizes}")
     return args
 
 
@@ -432,21 +550,23 @@ def main(argv: list[str] | None = None) -> int:
             if args.tiny
             else [load_recipe(c, overrides) for c in args.configs or DEFAULT_CONFIGS]
         )
-    except ConfigError as exc:
-        log(f"throughput.py: error: {exc}")
+        if args.baseline == "diffusers":
+            import diffusers  # noqa: F401  (fail before measuring, not after)
+    except (ConfigError, ImportError) as exc:
+        hint = " (pip install diffusers)" if isinstance(exc, ImportError) else ""
+        log(f"throughput.py: error: {exc}{hint}")
         return 2
     device = select_device(recipes[0].cfg.train.device)
     if recipes[0].cfg.train.num_threads:
         torch.set_num_threads(recipes[0].cfg.train.num_threads)
-    log(f"matmul peaks ({args.matmul_size}²)")
-    peaks = {
-        "fp32": matmul_peak(torch.float32, args.matmul_size, 5, device),
-        "bf16": matmul_peak(torch.bfloat16, args.matmul_size, 5, device),
-    }
+    log(f"matmul peaks (sizes {args.matmul_sizes})")
+    peaks = matmul_peaks(args.matmul_sizes, device)
     result = {**environment(device), "matmul_peak": peaks, "recipes": []}
     with tempfile.TemporaryDirectory(prefix="mnistdiff-throughput-") as tmp:
         for recipe in recipes:
             result["recipes"].append(bench_recipe(recipe, args, peaks, Path(tmp)))
+    if args.baseline == "diffusers":
+        result["recipes"].append(bench_diffusers(args, peaks, recipes[0].cfg))
     result["threads"] = torch.get_num_threads()
     write_result(result, args.out)
     return 0

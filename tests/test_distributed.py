@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import ROOT, mnist_dir
 from mnistdiff.checkpoint import load_checkpoint
 from mnistdiff.config import load_config
 from mnistdiff.distributed import (
@@ -24,13 +25,17 @@ from mnistdiff.distributed import (
     micro_batch_size,
     shard,
 )
-from mnistdiff.train import train
-
-from conftest import ROOT, mnist_dir
+from mnistdiff.train import TrainingError, train
 
 SMOKE = ROOT / "configs" / "smoke.yaml"
-# Conditional model with CFG label dropout, so sharded label drops are exercised too.
-COMMON = ("diffusion.label_dropout=0.3", "train.precision=fp32")
+# Conditional model with CFG label dropout, so sharded label drops are exercised too; a metrics
+# line every step, so a run resumed at any step logs the same records as an uninterrupted one.
+COMMON = (
+    "diffusion.label_dropout=0.3",
+    "train.precision=fp32",
+    "train.log_every=1",
+    "train.tensorboard=true",
+)
 ATOL = 1e-5  # float summation order differs between 1 and 2 processes
 
 
@@ -112,7 +117,16 @@ def _listing(run_dir: Path) -> list[str]:
 def reference(data_dir, tmp_path_factory):
     """Six steps in one process, global batch 16, no accumulation."""
     run = tmp_path_factory.mktemp("ref") / "run"
-    return _train_here(run, data_dir, "train.tensorboard=true")
+    return _train_here(run, data_dir)
+
+
+@pytest.fixture(scope="module")
+def ddp(data_dir, tmp_path_factory):
+    """The same six steps on 2 processes, each accumulating 2 micro-batches of 4."""
+    run = tmp_path_factory.mktemp("ddp") / "run"
+    proc = _torchrun(run, data_dir, "train.grad_accum=2")
+    _ok(proc)
+    return run, proc
 
 
 # --------------------------------------------------------------------------- unit
@@ -144,14 +158,12 @@ def test_agree_step_single_process_is_identity():
 
 
 def test_grad_accumulation_equals_large_batch(reference, data_dir, tmp_path):
-    run = _train_here(tmp_path / "accum", data_dir, "train.tensorboard=true", "train.grad_accum=4")
+    run = _train_here(tmp_path / "accum", data_dir, "train.grad_accum=4")
     _assert_same_state(_last(reference), _last(run))
 
 
-def test_ddp_matches_one_process_and_only_rank0_writes(reference, data_dir, tmp_path):
-    run = tmp_path / "ddp"
-    proc = _torchrun(run, data_dir, "train.tensorboard=true", "train.grad_accum=2")
-    _ok(proc)
+def test_ddp_matches_one_process_and_only_rank0_writes(reference, ddp):
+    run, proc = ddp
     _assert_same_state(_last(reference), _last(run))
     for name in ("last.pt", "step_0000003.pt", "step_0000006.pt", "best.pt"):
         a = load_checkpoint(reference / "checkpoints" / name)
@@ -169,18 +181,23 @@ def test_ddp_matches_one_process_and_only_rank0_writes(reference, data_dir, tmp_
 
 def test_resume_one_process_checkpoint_on_two(reference, data_dir, tmp_path):
     run = tmp_path / "one_then_two"
-    _train_here(run, data_dir, "train.tensorboard=true", stop_after_steps=3)
-    assert _last(run)["step"] == 3
-    _ok(_torchrun(run, data_dir, "train.tensorboard=true", cli=("--resume", "auto")))
+    _train_here(run, data_dir, stop_after_steps=4)
+    assert _last(run)["step"] == 4
+    _ok(_torchrun(run, data_dir, cli=("--resume", "auto")))
     _assert_same_state(_last(reference), _last(run))
 
 
-def test_resume_two_process_checkpoint_on_one(reference, data_dir, tmp_path):
-    run = tmp_path / "two_then_one"
-    _ok(_torchrun(run, data_dir, "train.tensorboard=true", cli=("--stop-after-steps", "3")))
-    assert _last(run)["step"] == 3
-    _train_here(run, data_dir, "train.tensorboard=true", resume="auto")
+def test_resume_two_process_checkpoint_on_one(reference, ddp, data_dir, tmp_path):
+    ddp_ckpt = ddp[0] / "checkpoints" / "step_0000003.pt"
+    assert load_checkpoint(ddp_ckpt)["step"] == 3
+    run = _train_here(tmp_path / "two_then_one", data_dir, resume=str(ddp_ckpt))
     _assert_same_state(_last(reference), _last(run))
+
+
+def test_resume_with_other_global_batch_is_refused(reference, data_dir, tmp_path):
+    ckpt = reference / "checkpoints" / "step_0000003.pt"
+    with pytest.raises(TrainingError, match=r"batch_size=16.*batch_size=32.*global batch"):
+        _train_here(tmp_path / "b32", data_dir, "train.batch_size=32", resume=str(ckpt))
 
 
 # --------------------------------------------------------------------------- failures, signals
@@ -225,6 +242,7 @@ def _fault_run(tmp_path, data_dir, fault: str, env=None, timeout=90):
         "train.steps=40",
         "train.val_every=0",
         "train.checkpoint_every=0",
+        "train.tensorboard=false",
         entry=(str(script),),
         env={"FAULT": fault, **(env or {})},
         timeout=timeout,

@@ -1,0 +1,315 @@
+"""Quality per CPU-minute: train a recipe for a wall-clock budget, sample, evaluate.
+
+1. The recipe's training speed is measured (a short calibration through the real training
+   loop, as in ``throughput.py``), and ``train.steps`` is set so the run fills the budget; the
+   LR schedule (warm-up + cosine) therefore spans exactly the run. Previews are switched off;
+   validation and checkpoints stay as the recipe says. The training call is timed end to end.
+2. N images (balanced classes) are sampled with the recipe's sampler, steps and guidance from
+   the EMA weights, timed.
+3. They are scored with ``mnistdiff.evaluate.evaluate_images`` (FD in the evaluator's feature
+   space, KID, precision/recall, class accuracy) next to the real-data floor at the same N
+   (``mnistdiff.metrics.real_data_floor``).
+4. With ``--baseline diffusers`` the diffusers tutorial recipe (``diffusers_recipe.py``) trains
+   for the same budget in the same process, is sampled and scored the same way, and the JSON
+   gets the ratios recipe / baseline of every metric.
+
+JSON goes to stdout (and ``--out``, rewritten after each recipe so a finished result is never
+lost); progress goes to stderr. ``--tiny`` runs in seconds.
+Example: ``python benchmarks/quality_budget.py --config configs/quick.yaml --minutes 10
+--baseline diffusers --out q10.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mnistdiff.atomic import atomic_write_text
+from mnistdiff.build import load_train_data
+from mnistdiff.config import Config, ConfigError
+from mnistdiff.device import select_device
+from mnistdiff.evaluate import evaluate_images
+from mnistdiff.evaluator import EvaluatorError, load_evaluator
+from mnistdiff.images import save_grid
+from mnistdiff.metrics import real_data_floor
+from mnistdiff.sample import Pipeline, label_tensor, save_npz
+from mnistdiff.tracking import read_metrics
+from mnistdiff.train import train
+from throughput import (
+    environment,
+    load_recipe,
+    log,
+    measure_training,
+    with_train,
+    write_result,
+)
+
+METRICS = ("fd_mnist", "kid", "precision", "recall", "class_accuracy")
+RATIO_KEYS = (
+    "fd_mnist",
+    "fd_ratio_to_floor",
+    "kid",
+    "precision",
+    "recall",
+    "class_accuracy",
+    "images_per_sec",
+    "steps",
+    "epochs",
+    "sampling_seconds",
+)
+# Budget runs: no preview grids (sampling inside the budget), no progress bar.
+BUDGET_TRAIN = {"preview_every_epochs": 0, "eval_every_epochs": 0, "progress": False}
+TINY_OVERRIDES = ("train.val_every=0", "train.checkpoint_every=0")
+
+
+# --------------------------------------------------------------------------- evaluator
+
+
+def evaluator_or_none(allow_missing: bool):
+    """``(evaluator, info)``; a missing evaluator is an error unless ``allow_missing``."""
+    try:
+        ev = load_evaluator()
+    except EvaluatorError as exc:
+        if not allow_missing:
+            raise
+        log(f"evaluator unavailable, metrics will be null: {exc}")
+        return None, {"available": False, "error": str(exc)}
+    return ev, {"available": True, "sha256": ev.checksum}
+
+
+def score(images: torch.Tensor, labels: torch.Tensor, evaluator, seed: int, data_dir) -> dict:
+    """Sample-quality metrics (null without an evaluator)."""
+    if evaluator is None:
+        return dict.fromkeys(METRICS)
+    m = evaluate_images(images, labels, seed=seed, data_dir=data_dir, evaluator=evaluator)
+    return {**{k: m.get(k) for k in METRICS}, "kid_std": m["kid_std"]}
+
+
+def floor_metrics(evaluator, n: int, seed: int, data_dir) -> dict[str, Any] | None:
+    """Real-data floor (N real training images vs the test reference)."""
+    if evaluator is None:
+        return None
+    f = real_data_floor(evaluator, n, seed=seed, data_dir=data_dir)
+    return {"num_samples": n, **{k: f.get(k) for k in METRICS}}
+
+
+def with_floor(row: dict, floor: dict | None) -> dict:
+    """Add ``fd_floor`` and ``fd_ratio_to_floor``."""
+    fd_floor = floor["fd_mnist"] if floor else None
+    fd = row.get("fd_mnist")
+    ratio = fd / fd_floor if fd is not None and fd_floor else None
+    return {**row, "fd_floor": fd_floor, "fd_ratio_to_floor": ratio}
+
+
+# --------------------------------------------------------------------------- the recipe
+
+
+def train_for_budget(
+    cfg: Config, minutes: float, calibrate_seconds: float, warmup: int, run_dir: Path, tmp: Path
+) -> dict[str, Any]:
+    """Calibrate images/s, then ``train()`` with the step count that fills ``minutes``."""
+    calib = measure_training(cfg, cfg.train.precision, calibrate_seconds, warmup, tmp)
+    ips = calib["train_images_per_sec"]
+    steps = max(1, int(minutes * 60 * ips / cfg.train.batch_size))
+    log(f"calibrated {ips:.0f} images/s -> {steps} steps for {minutes:g} min")
+    run_cfg = with_train(cfg, **BUDGET_TRAIN, steps=steps, run_dir=str(run_dir))
+    t0 = time.perf_counter()
+    train(run_cfg, log=log)
+    seconds = time.perf_counter() - t0
+    train_size = len(load_train_data(cfg).train_y)  # cached in-process
+    losses = [r for r in read_metrics(run_dir) if "val_loss" in r]
+    return {
+        "minutes": seconds / 60,
+        "budget_minutes": minutes,
+        "steps": steps,
+        "epochs": steps * cfg.train.batch_size / train_size,
+        "images_per_sec": steps * cfg.train.batch_size / seconds,
+        "calibrated_images_per_sec": ips,
+        "calibration_seconds": calib["train_seconds_measured"],
+        "final_val_loss": losses[-1]["val_loss"] if losses else None,
+    }
+
+
+def sample_recipe(run_dir: Path, num: int, seed: int, device: str):
+    """Balanced labels, sampled with the recipe's own settings; ``(stats, uint8, labels)``."""
+    pipe = Pipeline.load(run_dir, device=device)
+    labels = None
+    if pipe.conditional:
+        labels = label_tensor(per_class=-(-num // pipe.spec.num_classes))[:num]
+    t0 = time.perf_counter()
+    out = pipe.generate(labels, num, seed=seed)
+    seconds = time.perf_counter() - t0
+    s = pipe.cfg.sample
+    stats = {
+        "num_samples": num,
+        "sampler": s.sampler,
+        "sampler_steps": s.steps,
+        "nfe": out.nfe,
+        "guidance": s.guidance if pipe.conditional else None,
+        "sample_precision": pipe.precision.name,
+        "sampling_seconds": seconds,
+        "sampling_images_per_sec": num / seconds,
+        "parameters": sum(p.numel() for p in pipe.denoiser.backbone.parameters()),
+    }
+    return stats, pipe.to_uint8(out.x), labels
+
+
+def run_recipe(cfg: Config, name: str, args, evaluator, floor, tmp: Path) -> dict[str, Any]:
+    """Budget training, sampling and scoring of one package recipe."""
+    keep = Path(args.out_dir) / name if args.out_dir else None
+    run_dir = keep or tmp / f"{name}-run"
+    log(f"[{name}] training for {args.minutes:g} min")
+    row = {"name": name, "config": args.config, "train_precision": cfg.train.precision}
+    row |= train_for_budget(cfg, args.minutes, args.calibrate_seconds, args.warmup, run_dir, tmp)
+    row["batch_size"] = cfg.train.batch_size
+    row["threads"] = torch.get_num_threads()
+    log(f"[{name}] sampling {args.num_samples} images")
+    stats, images, labels = sample_recipe(run_dir, args.num_samples, args.seed, cfg.train.device)
+    row |= stats
+    row |= score(images, labels, evaluator, args.seed, cfg.data.data_dir)
+    save_samples(images, labels, args.out_dir, name)
+    return with_floor(row, floor)
+
+
+# --------------------------------------------------------------------------- the baseline
+
+
+def run_diffusers(cfg: Config, args, evaluator, floor) -> dict[str, Any]:
+    """The diffusers tutorial recipe on the same training split, budget and N."""
+    from dataclasses import replace
+
+    import diffusers_recipe as dr
+
+    recipe = dr.DiffusersRecipe(precision=args.baseline_precision, seed=args.seed)
+    if args.tiny:
+        recipe = replace(recipe, **dr.TINY)
+    data = load_train_data(cfg)
+    log(f"[diffusers] training for {args.minutes:g} min")
+    stats, images, labels = dr.run(
+        recipe, args.minutes, args.num_samples, x=data.train_x, y=data.train_y, seed=args.seed
+    )
+    row = {"name": "diffusers", "config": "benchmarks/diffusers_recipe.py"}
+    row |= {k: v for k, v in stats.items() if k != "recipe"}
+    row |= {"train_precision": recipe.precision, "batch_size": recipe.batch_size}
+    row |= score(images, labels, evaluator, args.seed, cfg.data.data_dir)
+    save_samples(images, labels, args.out_dir, "diffusers")
+    return with_floor(row, floor)
+
+
+# --------------------------------------------------------------------------- output
+
+
+def save_samples(images: torch.Tensor, labels, out_dir: str | None, name: str) -> None:
+    """``<out_dir>/<name>_samples.npz`` and a PNG grid (up to 8 per class)."""
+    if not out_dir:
+        return
+    labels = labels if labels is not None else torch.full((len(images),), -1)
+    save_npz(Path(out_dir) / f"{name}_samples.npz", images, labels)
+    picks = [torch.nonzero(labels == c).flatten()[:8] for c in labels.unique().tolist()]
+    save_grid(images[torch.cat(picks)], Path(out_dir) / f"{name}_samples.png", nrow=8, scale=2)
+
+
+def check_out_dir(out_dir: str | None, name: str) -> None:
+    """Refuse, before any training, an ``--out-dir`` whose run directory has checkpoints."""
+    ckpts = Path(out_dir or "") / name / "checkpoints"
+    if out_dir and ckpts.is_dir() and any(ckpts.glob("*.pt")):
+        raise ConfigError(f"--out-dir: {ckpts.parent} already holds a run; choose another folder")
+
+
+def ratios(a: dict, b: dict) -> dict[str, float | None]:
+    """``a[k] / b[k]`` for the compared keys (None when either side is missing or zero)."""
+    out = {}
+    for k in RATIO_KEYS:
+        x, y = a.get(k), b.get(k)
+        numbers = isinstance(x, (int, float)) and isinstance(y, (int, float))
+        out[k] = x / y if numbers and y else None
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options (``--tiny`` fills in tiny defaults for unset ones)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", help="recipe (default configs/quick.yaml; tiny: smoke.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for the recipe (repeatable)")  # fmt: skip
+    p.add_argument("--minutes", type=float, help="training budget per recipe (default 10)")
+    p.add_argument("--num-samples", type=int, help="N images to sample and score (default 2000)")
+    p.add_argument("--baseline", choices=("diffusers",), help="also run this baseline")
+    p.add_argument("--baseline-precision", choices=("fp32", "bf16"), default="fp32",
+                   help="diffusers baseline precision (the tutorial uses fp32)")  # fmt: skip
+    p.add_argument("--calibrate-seconds", type=float, help="speed calibration (default 20)")
+    p.add_argument("--warmup", type=int, help="untimed calibration warm-up steps (default 5)")
+    p.add_argument("--seed", type=int, default=0, help="sampling / scoring seed")
+    p.add_argument("--data-dir", help="folder with the MNIST IDX files (else $MNIST_DIR)")
+    p.add_argument("--out-dir", help="keep the recipe's run dir and sample .npz/.png here")
+    p.add_argument("--allow-missing-evaluator", action="store_true",
+                   help="run without the evaluator asset (metrics become null)")  # fmt: skip
+    p.add_argument("--tiny", action="store_true", help="smoke-sized run of a few seconds")
+    p.add_argument("--out", help="also write the JSON here")
+    args = p.parse_args(argv)
+    tiny = {"config": "configs/smoke.yaml", "minutes": 0.02, "num_samples": 40,
+            "calibrate_seconds": 0.3, "warmup": 1}  # fmt: skip
+    full = {"config": "configs/quick.yaml", "minutes": 10.0, "num_samples": 2000,
+            "calibrate_seconds": 20.0, "warmup": 5}  # fmt: skip
+    for key, value in (tiny if args.tiny else full).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.minutes <= 0 or args.calibrate_seconds <= 0 or args.warmup < 0:
+        p.error("--minutes and --calibrate-seconds must be > 0, --warmup >= 0")
+    if args.num_samples < 10:
+        p.error(f"--num-samples must be >= 10 (metrics need a few images), got {args.num_samples}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the recipe (and baseline) under the budget; print the JSON."""
+    args = parse_args(argv)
+    overrides = [*(TINY_OVERRIDES if args.tiny else ()), *args.set]
+    if args.data_dir:
+        overrides.append(f"data.data_dir={args.data_dir}")
+    try:
+        recipe = load_recipe(args.config, overrides)
+        check_out_dir(args.out_dir, recipe.name)
+        evaluator, ev_info = evaluator_or_none(args.allow_missing_evaluator)
+        if args.baseline == "diffusers":
+            import diffusers  # noqa: F401  (fail before training, not after)
+    except (ConfigError, EvaluatorError, ImportError) as exc:
+        hint = " (pip install diffusers)" if isinstance(exc, ImportError) else ""
+        log(f"quality_budget.py: error: {exc}{hint}")
+        return 2
+    cfg = recipe.cfg
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    floor = floor_metrics(evaluator, args.num_samples, args.seed, cfg.data.data_dir)
+    result = {
+        **environment(select_device(cfg.train.device)),
+        "budget_minutes": args.minutes,
+        "num_samples": args.num_samples,
+        "seed": args.seed,
+        "evaluator": ev_info,
+        "floor": floor,
+        "recipes": {},
+        "ratios": {},
+    }
+    with tempfile.TemporaryDirectory(prefix="mnistdiff-quality-") as tmp:
+        row = run_recipe(cfg, recipe.name, args, evaluator, floor, Path(tmp))
+    result["recipes"][recipe.name] = row
+    if args.baseline:
+        if args.out:  # keep the finished recipe's result if the baseline fails
+            atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
+        base = run_diffusers(cfg, args, evaluator, floor)
+        result["recipes"]["diffusers"] = base
+        result["ratios"][f"{recipe.name}_over_diffusers"] = ratios(row, base)
+    write_result(result, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
