@@ -3,22 +3,27 @@
 import pytest
 import torch
 
+from conftest import ROOT
 from mnistdiff.build import build_denoiser
 from mnistdiff.config import load_config
 from mnistdiff.data import DataSpec
 from mnistdiff.sample import SampleOptions, generate, label_tensor
 from mnistdiff.samplers import SAMPLERS, nfe_for
 
-from conftest import ROOT
-
 COMBOS = [(s, p) for s in ("linear", "cosine", "sigmoid") for p in ("eps", "x0", "v")] + [
-    ("flow", p) for p in ("velocity", "x0", "v")]
+    ("flow", p) for p in ("velocity", "x0", "v")
+]
 
 
 def _denoiser(schedule, prediction, model_type="unet"):
-    cfg = load_config(ROOT / "configs" / "smoke.yaml",
-                      [f"diffusion.schedule={schedule}", f"diffusion.prediction={prediction}",
-                       f"model.type={model_type}"])
+    cfg = load_config(
+        ROOT / "configs" / "smoke.yaml",
+        [
+            f"diffusion.schedule={schedule}",
+            f"diffusion.prediction={prediction}",
+            f"model.type={model_type}",
+        ],
+    )
     torch.manual_seed(0)
     den = build_denoiser(cfg, DataSpec()).eval()
     with torch.no_grad():  # leave the zero-initialised output: give every layer some weight
@@ -46,9 +51,19 @@ def test_every_sampler_schedule_objective(schedule, prediction):
 def test_guidance_changes_samples_and_w1_is_conditional(model_type):
     den = _denoiser("cosine", "eps", model_type)
     labels = torch.tensor([1, 7])
-    runs = {w: generate(den, labels, 2, SampleOptions(sampler="ddim", steps=4, guidance=w),
-                        seed=3, batch_size=2).x for w in (1.0, 3.0)}
+    runs = {
+        w: generate(
+            den, labels, 2, SampleOptions(sampler="ddim", steps=4, guidance=w), seed=3, batch_size=2
+        ).x
+        for w in (1.0, 3.0)
+    }
     assert not torch.allclose(runs[1.0], runs[3.0])
-    other = generate(den, torch.tensor([2, 2]), 2,
-                     SampleOptions(sampler="ddim", steps=4, guidance=1.0), seed=3, batch_size=2)
+    other = generate(
+        den,
+        torch.tensor([2, 2]),
+        2,
+        SampleOptions(sampler="ddim", steps=4, guidance=1.0),
+        seed=3,
+        batch_size=2,
+    )
     assert not torch.allclose(runs[1.0], other.x)  # labels matter

@@ -167,3 +167,33 @@ def test_lr_schedule():
     assert lr_at(10, 110, cfg) == pytest.approx(1.0)
     assert lr_at(60, 110, cfg) == pytest.approx(0.55)
     assert lr_at(110, 110, cfg) == pytest.approx(0.1)
+
+
+def test_time_budget_fits_schedule_and_stops(smoke_cfg):
+    cfg = smoke_cfg(
+        "train.steps=100000",
+        "train.time_budget_minutes=0.05",
+        "train.checkpoint_every=0",
+        "train.val_every=0",
+        "train.log_every=10",
+    )
+    messages = []
+    run = train(cfg, log=messages.append)
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    total = state["lr_schedule"]["total_steps"]
+    assert any("time budget:" in m for m in messages)
+    assert 20 <= state["step"] <= total < 100000
+    assert 2.0 <= state["train_seconds"] < 3.0 + 2.0  # 3 s budget, one step of slack
+
+
+def test_time_budget_up_stops_immediately(smoke_cfg):
+    from mnistdiff.train import Progress, TimeBudget
+
+    budget = TimeBudget(1e-9, cap=50)
+    progress = Progress(step=3)
+    budget.start(progress)
+    assert budget.update(progress, 50) == 3
+    fixed = TimeBudget(None, cap=50)
+    fixed.start(progress)
+    assert fixed.update(progress, 50) == 50
+    assert TimeBudget(1.0, cap=50).resume({"lr_schedule": {"total_steps": 30}}, 50) == 30

@@ -97,6 +97,9 @@ class TrainConfig:
     seed: int = _opt(0, lo=0, hi=2**31 - 1)
     epochs: int = _opt(10, lo=1, hi=100000)
     steps: int | None = _opt(None, lo=1, hi=10**9, help="total optimizer steps; beats epochs")
+    time_budget_minutes: float | None = _opt(
+        None, lo=0.01, hi=1e6, help="wall-clock budget; the LR schedule is fitted to it"
+    )
     batch_size: int = _opt(128, lo=1, hi=65536, help="global batch size")
     grad_accum: int = _opt(1, lo=1, hi=1024)
     lr: float = _opt(2e-4, lo=0.0, hi=1.0)

@@ -56,6 +56,51 @@ class Progress:
     skipped_steps: int = 0
     best_value: float = math.inf
     history: list[dict] = field(default_factory=list)
+    train_seconds: float = 0.0  # wall-clock time spent in the loop, over all invocations
+
+
+class TimeBudget:
+    """Fit the run to a wall-clock budget (``train.time_budget_minutes``).
+
+    After ``CALIBRATION`` steps the measured seconds per step fix the total number of steps
+    (never more than the configured epochs/steps), so warmup and cosine decay span the budget.
+    The total is saved in checkpoints and reused on resume. The loop also stops when the time
+    is up, whatever the estimate said.
+    """
+
+    CALIBRATION = 20
+
+    def __init__(self, minutes: float | None, cap: int):
+        self.seconds = None if minutes is None else minutes * 60.0
+        self.cap = cap
+        self.fixed = minutes is None
+
+    def resume(self, saved: dict, total_steps: int) -> int:
+        """Keep the schedule length chosen by the interrupted invocation."""
+        saved_total = saved.get("lr_schedule", {}).get("total_steps")
+        if self.seconds is not None and saved_total:
+            self.fixed = True
+            return min(saved_total, self.cap)
+        return total_steps
+
+    def start(self, progress: Progress) -> None:
+        self._t0, self._steps0 = time.perf_counter(), progress.step
+        self._seconds0 = progress.train_seconds
+
+    def update(self, progress: Progress, total_steps: int) -> int:
+        """Account elapsed time; return the (possibly new) total number of steps."""
+        progress.train_seconds = self._seconds0 + time.perf_counter() - self._t0
+        if self.seconds is None:
+            return total_steps
+        if progress.train_seconds >= self.seconds:
+            return progress.step  # time is up: this step is the last
+        done = progress.step - self._steps0
+        if not self.fixed and done >= self.CALIBRATION:
+            per_step = (time.perf_counter() - self._t0) / done
+            left = int((self.seconds - progress.train_seconds) / per_step)
+            self.fixed = True
+            return max(progress.step + 1, min(self.cap, progress.step + left))
+        return total_steps
 
 
 def lr_at(step: int, total_steps: int, cfg) -> float:
@@ -162,9 +207,11 @@ def train(
     )
     total_steps = cfg.train.steps or cfg.train.epochs * batches.batches_per_epoch
     progress = Progress()
+    budget = TimeBudget(cfg.train.time_budget_minutes, total_steps)
 
     if resume_path is not None:
-        _restore(resume_path, cfg, backbone, optimizer, ema, batches, progress, log)
+        saved = _restore(resume_path, cfg, backbone, optimizer, ema, batches, progress, log)
+        total_steps = budget.resume(saved, total_steps)
     elif ckpt_dir.exists() and any(ckpt_dir.glob("*.pt")):
         raise TrainingError(
             f"{run_dir} already holds checkpoints; continue it with --resume auto, or choose "
@@ -190,6 +237,7 @@ def train(
         _write_checkpoints(state, ckpt_dir, tag, progress, cfg.train.keep_last)
 
     start_step, t_start = progress.step, time.perf_counter()
+    budget.start(progress)
     window = {
         "loss": 0.0,
         "n": 0,
@@ -290,6 +338,16 @@ def train(
                 window.update(loss=0.0, n=0, t0=time.perf_counter(), images=0)
                 window["bins"].zero_()
                 window["counts"].zero_()
+
+            # ---- wall-clock budget: fit the schedule length, then stop on time
+            new_total = budget.update(progress, total_steps)
+            if new_total != total_steps:
+                if new_total != progress.step:
+                    log(
+                        f"time budget: {new_total} steps fit in "
+                        f"{cfg.train.time_budget_minutes:g} min"
+                    )
+                total_steps = bar.total = new_total
 
             # ---- events: validation, previews, checkpoints
             epoch_done = batches.epoch != epoch_before
@@ -479,6 +537,7 @@ def _checkpoint_state(
         "ema": ema.state_dict() if ema is not None else None,
         "optimizer": optimizer.state_dict(),
         "lr_schedule": {"kind": cfg.train.lr_schedule, "total_steps": total_steps},
+        "train_seconds": progress.train_seconds,
         "step": progress.step,
         "epoch": progress.epoch,
         "data_state": batches.state_dict(),
@@ -522,7 +581,7 @@ def _resume_path(resume: str | None, ckpt_dir: Path) -> Path | None:
 
 def _restore(
     path: Path, cfg: Config, backbone, optimizer, ema, batches, progress: Progress, log
-) -> None:
+) -> dict:
     """Load a checkpoint into the live objects after checking the config is compatible."""
     state = load_checkpoint(path)
     try:
@@ -558,4 +617,6 @@ def _restore(
     progress.skipped_steps = state["skipped_steps"]
     progress.best_value = state["best_value"]
     progress.history = list(state["history"])
+    progress.train_seconds = state.get("train_seconds", 0.0)
     log(f"resumed from {path} at step {progress.step} (epoch {progress.epoch})")
+    return state
