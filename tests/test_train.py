@@ -197,3 +197,23 @@ def test_time_budget_up_stops_immediately(smoke_cfg):
     fixed.start(progress)
     assert fixed.update(progress, 50) == 50
     assert TimeBudget(1.0, cap=50).resume({"lr_schedule": {"total_steps": 30}}, 50) == 30
+
+
+def test_in_training_evaluation_and_best_by_fd(smoke_cfg):
+    cfg = smoke_cfg(
+        "train.steps=null",
+        "train.epochs=2",
+        "data.val_size=59000",
+        "train.batch_size=250",
+        "train.eval_every_epochs=1",
+        "train.eval_num_samples=20",
+        "train.best_by=fd_mnist",
+        "train.checkpoint_every=0",
+        "train.val_every=0",
+    )
+    run = train(cfg, log=_quiet)
+    state = load_checkpoint(run / "checkpoints" / "best.pt")
+    evals = [r for r in state["history"] if "fd_mnist" in r]
+    assert [r["epoch"] for r in evals] == [1, 2][: len(evals)] and evals
+    assert all(r["eval_num_samples"] == 20 and 0 <= r["class_accuracy"] <= 1 for r in evals)
+    assert state["best_value"] == min(r["fd_mnist"] for r in evals)

@@ -47,7 +47,7 @@ class DataConfig:
     dataset: str = _opt("mnist", choices=("mnist", "fashion_mnist", "kmnist"))
     data_dir: str | None = _opt(None, help="IDX folder; else $MNIST_DIR (or $<NAME>_DIR), cache")
     download: bool = _opt(True, help="download missing files from the public mirrors")
-    val_size: int = _opt(5000, lo=0, hi=30000, help="held-out training images for validation")
+    val_size: int = _opt(5000, lo=0, hi=59000, help="held-out training images for validation")
     pad_to_32: bool = _opt(False, help="zero-pad 28x28 images to 32x32")
 
 

@@ -20,9 +20,18 @@ import torch
 from tqdm import tqdm
 
 from . import distributed
-from .build import TrainData, build_denoiser, load_train_data, seed_for, step_generator
+from .build import (
+    TrainData,
+    build_denoiser,
+    crop_to,
+    load_train_data,
+    original_size,
+    seed_for,
+    step_generator,
+)
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import Config, diff, from_dict, save_config, to_dict
+from .data import from_model_range
 from .device import describe, select_device, select_precision
 from .ema import EMA
 from .images import make_grid, save_grid
@@ -234,7 +243,7 @@ def train(
         state = _checkpoint_state(
             cfg, data, backbone, ema, optimizer, batches, progress, total_steps
         )
-        _write_checkpoints(state, ckpt_dir, tag, progress, cfg.train.keep_last)
+        _write_checkpoints(state, ckpt_dir, tag, progress, cfg.train.keep_last, cfg.train.best_by)
 
     start_step, t_start = progress.step, time.perf_counter()
     budget.start(progress)
@@ -365,6 +374,13 @@ def train(
                 and (progress.epoch % cfg.train.preview_every_epochs == 0)
             ):
                 _preview(cfg, denoiser, ema, data, precision, run_dir, progress, logger)
+            if (
+                epoch_done
+                and ctx.is_main
+                and cfg.train.eval_every_epochs
+                and (progress.epoch % cfg.train.eval_every_epochs == 0)
+            ):
+                _evaluate(cfg, denoiser, ema, data, precision, progress, logger, log)
             if _due(cfg.train.checkpoint_every, progress.step, epoch_done) or finished:
                 save("periodic")
             elif interrupted:
@@ -516,9 +532,7 @@ def _preview(cfg, denoiser, ema, data: TrainData, precision, run_dir: Path, prog
         precision=precision,
     )
     denoiser.train()
-    from .data import from_model_range
-
-    images = from_model_range(out.x)
+    images = from_model_range(crop_to(out.x, original_size(data.spec, cfg.data)))
     path = run_dir / "samples" / f"samples_epoch_{progress.epoch:03d}.png"
     save_grid(images, path, nrow=cfg.train.preview_per_class, scale=2)
     logger.image("samples", make_grid(images, nrow=cfg.train.preview_per_class), progress.step)
@@ -547,17 +561,57 @@ def _checkpoint_state(
     }
 
 
+def _evaluate(cfg, denoiser, ema, data: TrainData, precision, progress, logger, log):
+    """In-training sample quality at small N (``train.eval_num_samples``), EMA weights."""
+    from .evaluate import evaluate_images
+
+    model = _with_weights(denoiser, ema).eval()
+    n, classes = cfg.train.eval_num_samples, data.spec.num_classes
+    labels = label_tensor(per_class=-(-n // classes), num_classes=classes)[:n]
+    labels = labels if cfg.model.conditional else None
+    s = cfg.sample
+    opts = SampleOptions(sampler=s.sampler, steps=s.steps, guidance=s.guidance, eta=s.eta)
+    out = generate(
+        model,
+        labels,
+        n,
+        opts,
+        seed=cfg.train.seed,
+        batch_size=s.batch_size,
+        conditional=cfg.model.conditional,
+        precision=precision,
+    )
+    denoiser.train()
+    images = from_model_range(crop_to(out.x, original_size(data.spec, cfg.data)))
+    metrics = evaluate_images(images, labels, seed=cfg.train.seed, data_dir=cfg.data.data_dir)
+    record = {"step": progress.step, "epoch": progress.epoch, "eval_num_samples": n}
+    for key in ("fd_mnist", "kid", "precision", "recall", "class_accuracy"):
+        if metrics.get(key) is not None:
+            record[key] = metrics[key]
+    progress.history.append(record)
+    logger.log(record)
+    log(
+        f"step {progress.step}: fd_mnist {record['fd_mnist']:.3f} (N={n})"
+        + (f", class accuracy {record['class_accuracy']:.3f}" if "class_accuracy" in record else "")
+    )
+
+
 def _write_checkpoints(
-    state: dict, ckpt_dir: Path, tag: str | None, progress: Progress, keep_last: int
+    state: dict,
+    ckpt_dir: Path,
+    tag: str | None,
+    progress: Progress,
+    keep_last: int,
+    best_by: str = "val_loss",
 ) -> None:
     """``last.pt`` always; ``step_XXXXXXX.pt`` for periodic saves (keep the newest k);
-    ``best.pt`` when the validation loss improved."""
+    ``best.pt`` when ``best_by`` (validation loss or in-training FD) improved."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     if tag == "periodic":
         save_checkpoint(state, ckpt_dir / f"step_{progress.step:07d}.pt")
         for old in sorted(ckpt_dir.glob("step_*.pt"))[:-keep_last]:
             old.unlink()
-    val = [r["val_loss"] for r in progress.history if "val_loss" in r]
+    val = [r[best_by] for r in progress.history if best_by in r]
     if val and val[-1] < progress.best_value:
         progress.best_value = val[-1]
         state["best_value"] = val[-1]
