@@ -249,3 +249,103 @@ def test_evaluate_json(real_mnist, tmp_path):
     assert result["num_samples"] == 40 and result["nfe"] == 3
     assert result["fd_mnist"] > 0 and 0 <= result["class_accuracy"] <= 1
     assert result["bits_per_dim"] > 0
+
+
+def test_evaluate_npz_and_sweeps(real_mnist, tmp_path):
+    run_dir = tmp_path / "e"
+    assert run("train", "--config", ROOT / "configs/smoke.yaml", "--run-dir", run_dir) == 0
+    npz = tmp_path / "s.npz"
+    assert (
+        run(
+            "sample",
+            "--checkpoint",
+            run_dir,
+            "--per-class",
+            "3",
+            "--steps",
+            "2",
+            "--out",
+            tmp_path / "g.png",
+            "--save-npz",
+            npz,
+        )
+        == 0
+    )
+    out = tmp_path / "npz.json"
+    assert run("evaluate", "--samples", npz, "--json", out) == 0
+    result = json.loads(out.read_text())
+    assert result["num_samples"] == 30 and "class_accuracy" in result
+
+    sweep_dir = tmp_path / "sweep"
+    assert (
+        run(
+            "evaluate",
+            "--checkpoint",
+            run_dir,
+            "--num-samples",
+            "20",
+            "--sweep",
+            "sampler=ddim,dpmpp_2m",
+            "--sweep",
+            "nfe=2,3",
+            "--json",
+            sweep_dir / "rows.json",
+            "--guidance-rescale",
+            "0.5",
+        )
+        == 0
+    )
+    rows = json.loads((sweep_dir / "rows.json").read_text())
+    assert [(r["sampler"], r["nfe"]) for r in rows] == [
+        ("ddim", 2),
+        ("ddim", 3),
+        ("dpmpp_2m", 2),
+        ("dpmpp_2m", 3),
+    ]
+    table = (sweep_dir / "sweep_sampler_nfe.md").read_text()
+    assert table.count("\n") == 2 + 4 and "fd_mnist" in table
+    assert Image.open(sweep_dir / "sweep_sampler_nfe.png").size[0] > 100
+
+    assert (
+        run(
+            "evaluate",
+            "--checkpoint",
+            run_dir,
+            "--num-samples",
+            "20",
+            "--steps",
+            "2",
+            "--sweep",
+            "guidance=1,3",
+            "--out-dir",
+            sweep_dir,
+        )
+        == 0
+    )
+    assert (sweep_dir / "sweep_guidance.png").is_file()
+    assert (
+        run(
+            "evaluate",
+            "--checkpoint",
+            run_dir,
+            "--all-checkpoints",
+            "--num-samples",
+            "20",
+            "--steps",
+            "2",
+            "--out-dir",
+            sweep_dir,
+        )
+        == 0
+    )
+    assert (sweep_dir / "sweep_checkpoints.md").read_text().count("\n") == 2 + 2
+
+
+def test_evaluate_rejects_bad_input(tmp_path, capsys):
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, images=np.zeros((4, 28, 28), dtype=np.float32))
+    assert run("evaluate", "--samples", bad) == 1
+    assert "'images' must be uint8" in capsys.readouterr().err
+    assert run("evaluate", "--samples", tmp_path / "missing.npz") == 1
+    assert run("evaluate", "--checkpoint", tmp_path, "--sweep", "lr=1,2") == 1
+    assert "not sweepable" in capsys.readouterr().err

@@ -147,6 +147,8 @@ def cmd_sample(args) -> int:
         eta=args.eta,
         grid=args.grid,
         threshold=args.threshold,
+        guidance_rescale=args.guidance_rescale,
+        guidance_interval=args.guidance_interval,
     )
     images = pipe.to_uint8(out.x)
     save_grid(images, args.out, nrow=nrow, scale=2)
@@ -291,10 +293,27 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eta", type=float, help="DDIM eta")
     p.add_argument("--grid", help="time grid: uniform | logsnr | karras | trailing | ...")
     p.add_argument("--threshold", help="x0 refinement: none | clip | dynamic")
+    p.add_argument("--guidance-rescale", type=float, help="CFG-rescale factor phi in [0, 1]")
+    p.add_argument(
+        "--guidance-interval",
+        type=_interval,
+        metavar="T_LO,T_HI",
+        help="apply guidance only for t in [T_LO, T_HI]",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--device", help="auto | cpu | cuda[:N] | mps")
     p.add_argument("--no-ema", action="store_true", help="use the raw (non-EMA) weights")
+
+
+def _interval(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected T_LO,T_HI, got {text!r}") from None
+    if not 0 <= lo <= hi <= 1:
+        raise argparse.ArgumentTypeError(f"need 0 <= T_LO <= T_HI <= 1, got {text!r}")
+    return lo, hi
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

@@ -431,6 +431,12 @@ def add_evaluate_args(p, add_sampling_args) -> None:
         action="store_true",
         help="also test-set objective/eps MSE per t-bin and bits/dim",
     )
+    p.add_argument(
+        "--model-metric-images",
+        type=int,
+        default=1000,
+        help="test images for --model-metrics (bits/dim uses at most 100)",
+    )
     p.add_argument("--data-dir", help="folder with the MNIST IDX files")
     p.add_argument("--json", help="write the results as JSON")
     p.add_argument("--out-dir", help="where sweep tables and plots go (default: beside --json)")
@@ -438,6 +444,7 @@ def add_evaluate_args(p, add_sampling_args) -> None:
 
 def run_evaluate_cli(args) -> int:
     """Dispatch ``mnistdiff evaluate``; print a table; write JSON/plots."""
+    sweeps = parse_sweeps(args.sweep)
     if args.real_floor:
         result = real_data_floor(
             load_evaluator(), args.num_samples, seed=args.seed, data_dir=args.data_dir
@@ -456,6 +463,8 @@ def run_evaluate_cli(args) -> int:
         "eta": args.eta,
         "grid": args.grid,
         "threshold": args.threshold,
+        "guidance_rescale": args.guidance_rescale,
+        "guidance_interval": args.guidance_interval,
     }
     device = args.device or "auto"
     if args.all_checkpoints:
@@ -470,7 +479,6 @@ def run_evaluate_cli(args) -> int:
         )
         return _report(rows, args, {"checkpoints": []})
     pipe = Pipeline.load(args.checkpoint, device=device, use_ema=not args.no_ema)
-    sweeps = parse_sweeps(args.sweep)
     if sweeps:
         rows = run_sweep(
             pipe,
@@ -490,8 +498,9 @@ def run_evaluate_cli(args) -> int:
         **base,
     )
     if args.model_metrics:
-        result["objective_mse_by_t"] = objective_mse_by_time(pipe, seed=args.seed)
-        result.update(bits_per_dim(pipe, seed=args.seed))
+        n = args.model_metric_images
+        result["objective_mse_by_t"] = objective_mse_by_time(pipe, num_images=n, seed=args.seed)
+        result.update(bits_per_dim(pipe, num_images=min(n, 100), seed=args.seed))
     return _report([result], args, {})
 
 
