@@ -34,6 +34,7 @@ import torch
 from mnistdiff.atomic import atomic_write_text
 from mnistdiff.build import load_train_data
 from mnistdiff.config import Config, ConfigError
+from mnistdiff.data import load_dataset
 from mnistdiff.device import select_device
 from mnistdiff.evaluate import evaluate_images
 from mnistdiff.evaluator import EvaluatorError, load_evaluator
@@ -123,7 +124,9 @@ def train_for_budget(
     t0 = time.perf_counter()
     train(run_cfg, log=log)
     seconds = time.perf_counter() - t0
-    train_size = len(load_train_data(cfg).train_y)  # cached in-process
+    d = cfg.data
+    train_size = len(load_dataset(d.dataset, d.data_dir, download=d.download).train_labels)
+    train_size -= d.val_size  # the validation split is held out (cached load)
     losses = [r for r in read_metrics(run_dir) if "val_loss" in r]
     return {
         "minutes": seconds / 60,

@@ -238,19 +238,22 @@ def measure_sampling(pipe: Pipeline, num: int, seconds: float) -> dict[str, Any]
 # --------------------------------------------------------------------------- profile
 
 
-def _op_totals(prof) -> dict[str, tuple[float, int]]:
-    return {e.key: (e.self_cpu_time_total, e.count) for e in prof.key_averages()}
+OPTIMIZER_RANGE = "Optimizer.step#"  # the profiler range PyTorch records around optimizer.step()
 
 
-def _profiled_run(cfg: Config, precision: str, steps: int, run_dir: Path):
-    from torch.profiler import ProfilerActivity, profile
-
-    acts = [ProfilerActivity.CPU]
-    if torch.cuda.is_available() and select_device(cfg.train.device).type == "cuda":
-        acts.append(ProfilerActivity.CUDA)
-    with profile(activities=acts) as prof:
-        times = timed_train_steps(cfg, precision, steps, 0, run_dir)
-    return _op_totals(prof), times
+def _step_window(events: list, warmup: int, steps: int) -> tuple[float, float]:
+    """(start, end) in µs: from the end of optimizer step ``warmup`` to the end of step
+    ``warmup + steps``. Each window holds whole step cycles (EMA, batch, forward, backward,
+    optimizer), and nothing of the set-up before or the checkpoint after."""
+    opt = sorted(
+        (e.time_range.start, e.time_range.end) for e in events if e.name.startswith(OPTIMIZER_RANGE)
+    )
+    if len(opt) < warmup + steps:
+        raise RuntimeError(
+            f"profile: found {len(opt)} optimizer steps, expected {warmup + steps}; "
+            "did training stop early?"
+        )
+    return opt[warmup - 1][1], opt[warmup + steps - 1][1]
 
 
 def profile_training(
@@ -258,18 +261,27 @@ def profile_training(
 ) -> dict[str, Any]:
     """Top ops by self CPU time per training step, under ``torch.profiler``.
 
-    Two profiled ``train()`` calls, of ``warmup`` and of ``warmup + steps`` steps, differ only
-    by ``steps`` steps: subtracting their per-op totals cancels set-up, data loading and the
-    final checkpoint, leaving the ops of the steps themselves.
+    One profiled ``train()`` call of ``warmup + steps`` steps (``warmup`` >= 1); only the ops
+    that start inside the last ``steps`` step cycles are counted (:func:`_step_window`).
     """
-    base, _ = _profiled_run(cfg, precision, warmup, workdir / "profile-base")
-    full, times = _profiled_run(cfg, precision, warmup + steps, workdir / "profile-full")
-    step_us = 1e6 * sum(times[warmup:]) / steps
-    ops = []
-    for name, (us, count) in full.items():
-        b_us, b_count = base.get(name, (0.0, 0))
-        ops.append((max(us - b_us, 0.0) / steps, (count - b_count) / steps, name))
-    ops.sort(reverse=True)
+    from torch.profiler import ProfilerActivity, profile
+
+    warmup = max(warmup, 1)
+    acts = [ProfilerActivity.CPU]
+    if select_device(cfg.train.device).type == "cuda":
+        acts.append(ProfilerActivity.CUDA)
+    with profile(activities=acts) as prof:
+        timed_train_steps(cfg, precision, steps, warmup, workdir / f"profile-{precision}")
+    events = prof.events()
+    lo, hi = _step_window(events, warmup, steps)
+    totals: dict[str, list[float]] = {}
+    for e in events:
+        if lo <= e.time_range.start < hi:
+            entry = totals.setdefault(e.name, [0.0, 0])
+            entry[0] += e.self_cpu_time_total
+            entry[1] += 1
+    step_us = (hi - lo) / steps
+    ops = sorted(((us / steps, n / steps, name) for name, (us, n) in totals.items()), reverse=True)
     tracked_us = sum(us for us, _, _ in ops)
     return {
         "precision": precision,
@@ -281,7 +293,7 @@ def profile_training(
             {
                 "op": name,
                 "self_cpu_ms_per_step": us / 1e3,
-                "share_of_step": us / step_us if step_us else None,
+                "share_of_step": us / step_us,
                 "calls_per_step": count,
             }
             for us, count, name in ops[:top]

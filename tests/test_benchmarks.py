@@ -120,6 +120,10 @@ def test_throughput_tiny(real_mnist, tmp_path):
         ms = [op["self_cpu_ms_per_step"] for op in prof["top_ops"]]
         assert 1 <= len(ms) <= 10 and ms == sorted(ms, reverse=True) and min(ms) >= 0
         assert all(isinstance(op["op"], str) for op in prof["top_ops"])
+        assert all(op["calls_per_step"] > 0 for op in prof["top_ops"])
+        if prof["untracked_ms_per_step"] > 0:  # ops + Python overhead = the step
+            total = prof["ops_self_cpu_ms_per_step"] + prof["untracked_ms_per_step"]
+            assert total == pytest.approx(prof["step_ms_under_profiler"])
 
 
 RECIPE_FIELDS = (

@@ -90,6 +90,19 @@ def test_unet_four_levels_on_32_pixels():
     assert model(x, t, y).shape == x.shape
 
 
+def test_unet_patch_size_runs_levels_at_half_resolution():
+    model = build("unet", patch_size=2, channel_mults=(1, 2), attention_levels=(1,))
+    x, t, y = inputs()
+    assert model(x, t, y).shape == x.shape
+    seen = []
+    hook = model.down[0].register_forward_hook(lambda m, i, o: seen.append(o.shape[-1]))
+    model(x, t, y)
+    hook.remove()
+    assert seen == [14]
+    with pytest.raises(ValueError, match="model.unet.channel_mults"):
+        build("unet", patch_size=2, channel_mults=(1, 2, 2))  # 14 -> 7 -> 3.5
+
+
 @pytest.mark.parametrize("patch", [2, 4, 7])
 def test_dit_output_shape_every_patch(patch):
     model = build("dit", patch_size=patch)

@@ -54,6 +54,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class UNetConfig:
     channels: int = _opt(64, lo=8, hi=1024)
+    patch_size: int = _opt(1, choices=(1, 2, 4), help="pixel-unshuffle factor before level 0")
     channel_mults: tuple[int, ...] = _opt((1, 2, 2), help="one entry per resolution level")
     num_res_blocks: int = _opt(2, lo=1, hi=8)
     attention_levels: tuple[int, ...] = _opt((2,), help="level indices with self-attention")

@@ -120,7 +120,9 @@ class UNet(nn.Module):
         self.image_size = image_size
         ch, emb_dim, levels = cfg.channels, 4 * cfg.channels, len(cfg.channel_mults)
         self.cond = ConditionEmbedding(emb_dim, num_classes)
-        self.stem = nn.Conv2d(in_channels, ch, 3, padding=1)
+        p = self.patch_size = cfg.patch_size  # space-to-depth: levels run at size / p
+        self.stem = nn.Sequential(nn.PixelUnshuffle(p), nn.Conv2d(in_channels * p * p, ch, 3,
+                                                                  padding=1))
 
         def stage(cin: int, cout: int, level: int, takes_skip: bool) -> Stage:
             attn = AttentionBlock(cout, cfg.num_heads) if level in cfg.attention_levels else None
@@ -151,7 +153,9 @@ class UNet(nn.Module):
                 self.up.append(Upsample(cur))
 
         self.out_norm = group_norm(cur)
-        self.out_conv = _zero_(nn.Conv2d(cur, in_channels, 3, padding=1))
+        self.out_conv = nn.Sequential(
+            _zero_(nn.Conv2d(cur, in_channels * p * p, 3, padding=1)), nn.PixelShuffle(p)
+        )
 
     def forward(
         self, x: torch.Tensor, noise_cond: torch.Tensor, labels: torch.Tensor | None = None
@@ -181,14 +185,20 @@ def validate_unet(cfg: UNetConfig, spec: SpecLike) -> None:
         raise ValueError(
             f"model.unet.channel_mults: {list(mults)} must be a non-empty list of positive ints"
         )
+    if spec.size % cfg.patch_size:
+        raise ValueError(
+            f"model.unet.patch_size: {cfg.patch_size} does not divide the image size {spec.size}"
+        )
+    size = spec.size // cfg.patch_size
     max_levels = 1
-    while spec.size % (2**max_levels) == 0:
+    while size % (2**max_levels) == 0:
         max_levels += 1
     if len(mults) > max_levels:
         raise ValueError(
-            f"model.unet.channel_mults: {len(mults)} levels need the image size {spec.size} to be "
-            f"divisible by {2 ** (len(mults) - 1)}; allowed: 1..{max_levels} levels for size "
-            f"{spec.size} (for more levels on 28x28 MNIST set data.pad_to_32)"
+            f"model.unet.channel_mults: {len(mults)} levels need the working size {size} "
+            f"(image size / patch_size) to be divisible by {2 ** (len(mults) - 1)}; allowed: "
+            f"1..{max_levels} levels for size {size} (for more levels on 28x28 MNIST set "
+            "data.pad_to_32)"
         )
     bad = [i for i in cfg.attention_levels if not 0 <= i < len(mults)]
     if bad:
