@@ -1,9 +1,9 @@
 """Quality per CPU-minute: train a recipe for a wall-clock budget, sample, evaluate.
 
-1. The recipe's training speed is measured (a short calibration through the real training
-   loop, as in ``throughput.py``), and ``train.steps`` is set so the run fills the budget; the
-   LR schedule (warm-up + cosine) therefore spans exactly the run. Previews are switched off;
-   validation and checkpoints stay as the recipe says. The training call is timed end to end.
+1. The recipe trains with ``train.time_budget_minutes`` set to the budget: the training loop
+   measures its own speed over its first steps, fixes the step count so the LR schedule
+   (warm-up + cosine) spans the budget, and stops on time. Previews are switched off;
+   validation and checkpoints stay as the recipe says and count against the budget.
 2. N images (balanced classes) are sampled with the recipe's sampler, steps and guidance from
    the EMA weights, timed.
 3. They are scored with ``mnistdiff.evaluate.evaluate_images`` (FD in the evaluator's feature
@@ -33,6 +33,7 @@ import torch
 
 from mnistdiff.atomic import atomic_write_text
 from mnistdiff.build import load_train_data
+from mnistdiff.checkpoint import load_checkpoint
 from mnistdiff.config import Config, ConfigError
 from mnistdiff.data import load_dataset
 from mnistdiff.device import select_device
@@ -41,13 +42,11 @@ from mnistdiff.evaluator import EvaluatorError, load_evaluator
 from mnistdiff.images import save_grid
 from mnistdiff.metrics import real_data_floor
 from mnistdiff.sample import Pipeline, label_tensor, save_npz
-from mnistdiff.tracking import read_metrics
 from mnistdiff.train import train
 from throughput import (
     environment,
     load_recipe,
     log,
-    measure_training,
     with_train,
     write_result,
 )
@@ -112,30 +111,28 @@ def with_floor(row: dict, floor: dict | None) -> dict:
 # --------------------------------------------------------------------------- the recipe
 
 
-def train_for_budget(
-    cfg: Config, minutes: float, calibrate_seconds: float, warmup: int, run_dir: Path, tmp: Path
-) -> dict[str, Any]:
-    """Calibrate images/s, then ``train()`` with the step count that fills ``minutes``."""
-    calib = measure_training(cfg, cfg.train.precision, calibrate_seconds, warmup, tmp)
-    ips = calib["train_images_per_sec"]
-    steps = max(1, int(minutes * 60 * ips / cfg.train.batch_size))
-    log(f"calibrated {ips:.0f} images/s -> {steps} steps for {minutes:g} min")
-    run_cfg = with_train(cfg, **BUDGET_TRAIN, steps=steps, run_dir=str(run_dir))
+def train_for_budget(cfg: Config, minutes: float, run_dir: Path) -> dict[str, Any]:
+    """``train()`` under ``train.time_budget_minutes``: the loop measures its own speed, fits
+    the LR schedule to the budget and stops on time (validation and checkpoints included)."""
+    cap = cfg.train.steps or 10**8
+    run_cfg = with_train(cfg, **BUDGET_TRAIN, time_budget_minutes=minutes, steps=cap,
+                         run_dir=str(run_dir))
     t0 = time.perf_counter()
     train(run_cfg, log=log)
     seconds = time.perf_counter() - t0
+    state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    steps = state["step"]
     d = cfg.data
     train_size = len(load_dataset(d.dataset, d.data_dir, download=d.download).train_labels)
     train_size -= d.val_size  # the validation split is held out (cached load)
-    losses = [r for r in read_metrics(run_dir) if "val_loss" in r]
+    losses = [r for r in state["history"] if "val_loss" in r]
     return {
         "minutes": seconds / 60,
         "budget_minutes": minutes,
+        "train_loop_minutes": state["train_seconds"] / 60,
         "steps": steps,
         "epochs": steps * cfg.train.batch_size / train_size,
-        "images_per_sec": steps * cfg.train.batch_size / seconds,
-        "calibrated_images_per_sec": ips,
-        "calibration_seconds": calib["train_seconds_measured"],
+        "images_per_sec": steps * cfg.train.batch_size / state["train_seconds"],
         "final_val_loss": losses[-1]["val_loss"] if losses else None,
     }
 
@@ -170,7 +167,7 @@ def run_recipe(cfg: Config, name: str, args, evaluator, floor, tmp: Path) -> dic
     run_dir = keep or tmp / f"{name}-run"
     log(f"[{name}] training for {args.minutes:g} min")
     row = {"name": name, "config": args.config, "train_precision": cfg.train.precision}
-    row |= train_for_budget(cfg, args.minutes, args.calibrate_seconds, args.warmup, run_dir, tmp)
+    row |= train_for_budget(cfg, args.minutes, run_dir)
     row["batch_size"] = cfg.train.batch_size
     row["threads"] = torch.get_num_threads()
     log(f"[{name}] sampling {args.num_samples} images")
@@ -247,8 +244,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--baseline", choices=("diffusers",), help="also run this baseline")
     p.add_argument("--baseline-precision", choices=("fp32", "bf16"), default="fp32",
                    help="diffusers baseline precision (the tutorial uses fp32)")  # fmt: skip
-    p.add_argument("--calibrate-seconds", type=float, help="speed calibration (default 20)")
-    p.add_argument("--warmup", type=int, help="untimed calibration warm-up steps (default 5)")
     p.add_argument("--seed", type=int, default=0, help="sampling / scoring seed")
     p.add_argument("--data-dir", help="folder with the MNIST IDX files (else $MNIST_DIR)")
     p.add_argument("--out-dir", help="keep the recipe's run dir and sample .npz/.png here")
@@ -257,15 +252,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="smoke-sized run of a few seconds")
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args(argv)
-    tiny = {"config": "configs/smoke.yaml", "minutes": 0.02, "num_samples": 40,
-            "calibrate_seconds": 0.3, "warmup": 1}  # fmt: skip
-    full = {"config": "configs/quick.yaml", "minutes": 10.0, "num_samples": 2000,
-            "calibrate_seconds": 20.0, "warmup": 5}  # fmt: skip
+    tiny = {"config": "configs/smoke.yaml", "minutes": 0.02, "num_samples": 40}
+    full = {"config": "configs/quick.yaml", "minutes": 10.0, "num_samples": 2000}
     for key, value in (tiny if args.tiny else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.minutes <= 0 or args.calibrate_seconds <= 0 or args.warmup < 0:
-        p.error("--minutes and --calibrate-seconds must be > 0, --warmup >= 0")
+    if args.minutes <= 0:
+        p.error("--minutes must be > 0")
     if args.num_samples < 10:
         p.error(f"--num-samples must be >= 10 (metrics need a few images), got {args.num_samples}")
     return args
