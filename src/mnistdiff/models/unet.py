@@ -121,8 +121,9 @@ class UNet(nn.Module):
         ch, emb_dim, levels = cfg.channels, 4 * cfg.channels, len(cfg.channel_mults)
         self.cond = ConditionEmbedding(emb_dim, num_classes)
         p = self.patch_size = cfg.patch_size  # space-to-depth: levels run at size / p
-        self.stem = nn.Sequential(nn.PixelUnshuffle(p), nn.Conv2d(in_channels * p * p, ch, 3,
-                                                                  padding=1))
+        self.stem = nn.Sequential(
+            nn.PixelUnshuffle(p), nn.Conv2d(in_channels * p * p, ch, 3, padding=1)
+        )
 
         def stage(cin: int, cout: int, level: int, takes_skip: bool) -> Stage:
             attn = AttentionBlock(cout, cfg.num_heads) if level in cfg.attention_levels else None
