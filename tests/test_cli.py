@@ -231,6 +231,9 @@ def test_evaluate_json(real_mnist, tmp_path):
             "--json",
             out,
             "--model-metrics",
+            "--model-metric-images",
+            "50",
+            "--inception-fid",
         )
         == 0
     )
@@ -249,6 +252,10 @@ def test_evaluate_json(real_mnist, tmp_path):
     assert result["num_samples"] == 40 and result["nfe"] == 3
     assert result["fd_mnist"] > 0 and 0 <= result["class_accuracy"] <= 1
     assert result["bits_per_dim"] > 0
+    try:
+        import torch_fidelity  # noqa: F401
+    except ImportError:  # the optional extra is absent: skipped, clearly labelled
+        assert result["inception_fid"] is None and "skipped" in result["inception_fid_note"]
 
 
 def test_evaluate_npz_and_sweeps(real_mnist, tmp_path):
