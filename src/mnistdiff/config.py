@@ -141,6 +141,9 @@ class SampleConfig:
     steps: int = _opt(50, lo=1, hi=100000)
     guidance: float = _opt(2.0, lo=0.0, hi=100.0, help="u + w(c - u); 1 = plain conditional")
     eta: float = _opt(0.0, lo=0.0, hi=1.0)
+    threshold: str = _opt(
+        "clip", choices=("none", "clip", "dynamic"), help="x0 refinement while sampling"
+    )
     batch_size: int = _opt(500, lo=1, hi=100000)
 
 

@@ -46,7 +46,7 @@ class SampleOptions:
     guidance: float = 1.0
     eta: float = 0.0
     grid: str | None = None
-    threshold: str = "none"
+    threshold: str = "clip"
     guidance_rescale: float = 0.0
     guidance_interval: tuple[float, float] | None = None
 
@@ -209,7 +209,13 @@ class Pipeline:
     def default_options(self, **overrides) -> SampleOptions:
         """The config's sample section, with keyword overrides (None = keep)."""
         s = self.cfg.sample
-        base = {"sampler": s.sampler, "steps": s.steps, "guidance": s.guidance, "eta": s.eta}
+        base = {
+            "sampler": s.sampler,
+            "steps": s.steps,
+            "guidance": s.guidance,
+            "eta": s.eta,
+            "threshold": s.threshold,
+        }
         base.update({k: v for k, v in overrides.items() if v is not None})
         return SampleOptions(**base)
 

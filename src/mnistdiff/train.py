@@ -520,7 +520,9 @@ def _preview(cfg, denoiser, ema, data: TrainData, precision, run_dir: Path, prog
     )
     num = data.spec.num_classes * cfg.train.preview_per_class
     s = cfg.sample
-    opts = SampleOptions(sampler=s.sampler, steps=s.steps, guidance=s.guidance, eta=s.eta)
+    opts = SampleOptions(
+        sampler=s.sampler, steps=s.steps, guidance=s.guidance, eta=s.eta, threshold=s.threshold
+    )
     out = generate(
         model,
         labels,
@@ -570,7 +572,9 @@ def _evaluate(cfg, denoiser, ema, data: TrainData, precision, progress, logger, 
     labels = label_tensor(per_class=-(-n // classes), num_classes=classes)[:n]
     labels = labels if cfg.model.conditional else None
     s = cfg.sample
-    opts = SampleOptions(sampler=s.sampler, steps=s.steps, guidance=s.guidance, eta=s.eta)
+    opts = SampleOptions(
+        sampler=s.sampler, steps=s.steps, guidance=s.guidance, eta=s.eta, threshold=s.threshold
+    )
     out = generate(
         model,
         labels,
