@@ -115,8 +115,9 @@ def train_for_budget(cfg: Config, minutes: float, run_dir: Path) -> dict[str, An
     """``train()`` under ``train.time_budget_minutes``: the loop measures its own speed, fits
     the LR schedule to the budget and stops on time (validation and checkpoints included)."""
     cap = cfg.train.steps or 10**8
-    run_cfg = with_train(cfg, **BUDGET_TRAIN, time_budget_minutes=minutes, steps=cap,
-                         run_dir=str(run_dir))
+    run_cfg = with_train(
+        cfg, **BUDGET_TRAIN, time_budget_minutes=minutes, steps=cap, run_dir=str(run_dir)
+    )
     t0 = time.perf_counter()
     train(run_cfg, log=log)
     seconds = time.perf_counter() - t0
