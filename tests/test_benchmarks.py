@@ -258,3 +258,17 @@ def test_bad_input_is_a_clear_error(capsys):
         quality_budget.parse_args(["--num-samples", "5"])
     with pytest.raises(SystemExit):
         throughput.parse_args(["--tiny", "--configs", "configs/smoke.yaml"])
+
+
+def test_architecture_ablation_tiny(capsys):
+    import architecture_ablation
+
+    assert architecture_ablation.main(["--tiny"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["matmul_peak_fp32"] > 0 and result["matmul_peak_bf16"] > 0
+    (row,) = result["variants"]
+    for mode in ("fp32", "fp32_channels_last", "bf16"):
+        assert row[f"{mode}_images_per_sec"] > 0
+    assert row["parameters"] > 0 and row["train_flops_per_image"] > 0
+    best = max(row[f"{m}_images_per_sec"] for m in ("fp32", "fp32_channels_last", "bf16"))
+    assert math.isclose(row["best_flops_per_sec"], best * row["train_flops_per_image"])

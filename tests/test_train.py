@@ -210,8 +210,14 @@ def test_in_training_evaluation_and_best_by_fd(smoke_cfg):
         "train.best_by=fd_mnist",
         "train.checkpoint_every=0",
         "train.val_every=0",
+        "train.preview_every_epochs=1",
     )
     run = train(cfg, log=_quiet)
+    from PIL import Image
+
+    for epoch in (1, 2):  # one row per class, preview_per_class (2) images each
+        grid = Image.open(run / "samples" / f"samples_epoch_{epoch:03d}.png")
+        assert grid.size[1] > 2 * 10 * 28
     state = load_checkpoint(run / "checkpoints" / "best.pt")
     evals = [r for r in state["history"] if "fd_mnist" in r]
     assert [r["epoch"] for r in evals] == [1, 2][: len(evals)] and evals

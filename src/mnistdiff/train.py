@@ -510,15 +510,13 @@ def _with_weights(denoiser, ema):
     )
 
 
-def _preview(cfg, denoiser, ema, data: TrainData, precision, run_dir: Path, progress, logger):
-    """A grid of samples, one row per class, written as ``samples/samples_epoch_XXX.png``."""
+def _sample_ema(cfg, denoiser, ema, data: TrainData, precision, num: int, per_class: int):
+    """``num`` uint8 images from the EMA weights with the config's sample settings
+    (``per_class`` of every class when conditional); returns ``(images, labels)``."""
     model = _with_weights(denoiser, ema).eval()
-    labels = (
-        label_tensor(per_class=cfg.train.preview_per_class, num_classes=data.spec.num_classes)
-        if cfg.model.conditional
-        else None
-    )
-    num = data.spec.num_classes * cfg.train.preview_per_class
+    labels = None
+    if cfg.model.conditional:
+        labels = label_tensor(per_class=per_class, num_classes=data.spec.num_classes)[:num]
     s = cfg.sample
     opts = SampleOptions(
         sampler=s.sampler, steps=s.steps, guidance=s.guidance, eta=s.eta, threshold=s.threshold
@@ -534,10 +532,17 @@ def _preview(cfg, denoiser, ema, data: TrainData, precision, run_dir: Path, prog
         precision=precision,
     )
     denoiser.train()
-    images = from_model_range(crop_to(out.x, original_size(data.spec, cfg.data)))
+    return from_model_range(crop_to(out.x, original_size(data.spec, cfg.data))), labels
+
+
+def _preview(cfg, denoiser, ema, data: TrainData, precision, run_dir: Path, progress, logger):
+    """A grid of samples, one row per class, written as ``samples/samples_epoch_XXX.png``."""
+    per_class = cfg.train.preview_per_class
+    num = data.spec.num_classes * per_class
+    images, _ = _sample_ema(cfg, denoiser, ema, data, precision, num, per_class)
     path = run_dir / "samples" / f"samples_epoch_{progress.epoch:03d}.png"
-    save_grid(images, path, nrow=cfg.train.preview_per_class, scale=2)
-    logger.image("samples", make_grid(images, nrow=cfg.train.preview_per_class), progress.step)
+    save_grid(images, path, nrow=per_class, scale=2)
+    logger.image("samples", make_grid(images, nrow=per_class), progress.step)
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -567,26 +572,9 @@ def _evaluate(cfg, denoiser, ema, data: TrainData, precision, progress, logger, 
     """In-training sample quality at small N (``train.eval_num_samples``), EMA weights."""
     from .evaluate import evaluate_images
 
-    model = _with_weights(denoiser, ema).eval()
-    n, classes = cfg.train.eval_num_samples, data.spec.num_classes
-    labels = label_tensor(per_class=-(-n // classes), num_classes=classes)[:n]
-    labels = labels if cfg.model.conditional else None
-    s = cfg.sample
-    opts = SampleOptions(
-        sampler=s.sampler, steps=s.steps, guidance=s.guidance, eta=s.eta, threshold=s.threshold
-    )
-    out = generate(
-        model,
-        labels,
-        n,
-        opts,
-        seed=cfg.train.seed,
-        batch_size=s.batch_size,
-        conditional=cfg.model.conditional,
-        precision=precision,
-    )
-    denoiser.train()
-    images = from_model_range(crop_to(out.x, original_size(data.spec, cfg.data)))
+    n = cfg.train.eval_num_samples
+    per_class = -(-n // data.spec.num_classes)
+    images, labels = _sample_ema(cfg, denoiser, ema, data, precision, n, per_class)
     metrics = evaluate_images(images, labels, seed=cfg.train.seed, data_dir=cfg.data.data_dir)
     record = {"step": progress.step, "epoch": progress.epoch, "eval_num_samples": n}
     for key in ("fd_mnist", "kid", "precision", "recall", "class_accuracy"):
