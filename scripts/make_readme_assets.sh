@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Regenerate the sample grids shown in the README from trained runs.
+# Usage: scripts/make_readme_assets.sh RUN_DIR NAME   (writes docs/assets/NAME_samples.png)
+set -euo pipefail
+run="${1:?run directory}"
+name="${2:?asset name}"
+mnistdiff sample --checkpoint "$run" --per-class 8 --seed 0 --out "docs/assets/${name}_samples.png"
