@@ -39,7 +39,15 @@ VARIANTS = {
     "dit small patch4 (configs/dit.yaml)": ["model.type=dit", "model.dit.size=small",
                                             "model.dit.patch_size=4"],
 }  # fmt: skip
-TINY = {"tiny unet": [f"{U}channels=16", f"{U}channel_mults=[1,2]", f"{U}num_res_blocks=1"]}
+TINY = {
+    "tiny unet": [
+        f"{U}channels=16",
+        f"{U}channel_mults=[1,2]",
+        f"{U}num_res_blocks=1",
+        f"{U}attention_levels=[1]",
+        f"{U}num_heads=2",
+    ]
+}
 
 
 def matmul_peak(dtype: torch.dtype, n: int, repeats: int = 5) -> float:
