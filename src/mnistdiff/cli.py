@@ -321,24 +321,19 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .config import ConfigError
     from .data import DataError
     from .device import DeviceError
+    from .evaluator import EvaluatorError
     from .train import TrainingError
 
-    errors = [
+    return (
         ConfigError,
         DataError,
         CheckpointError,
         DeviceError,
         TrainingError,
+        EvaluatorError,
         FileNotFoundError,
         ValueError,
-    ]
-    try:
-        from .evaluator import EvaluatorError
-
-        errors.append(EvaluatorError)
-    except ImportError:
-        pass
-    return tuple(errors)
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

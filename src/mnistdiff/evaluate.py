@@ -22,7 +22,6 @@ from .evaluator import load_evaluator
 from .losses import diffusion_loss
 from .metrics import image_metrics, real_data_floor, reference_stats
 from .sample import Pipeline, label_tensor, load_npz
-from .samplers import steps_for_nfe
 
 SWEEPABLE = ("guidance", "steps", "nfe", "sampler", "eta", "grid")
 
@@ -47,12 +46,12 @@ def evaluate_pipeline(
     batch_size: int | None = None,
     evaluator=None,
     progress: bool = False,
+    inception: bool = False,
     **options,
 ) -> dict[str, Any]:
-    """Sample ``num_samples`` images (balanced classes when conditional) and score them."""
-    opts = pipe.default_options(**{k: v for k, v in options.items() if k != "nfe"})
-    if options.get("nfe") is not None:
-        opts = type(opts)(**{**opts.__dict__, "steps": steps_for_nfe(opts.sampler, options["nfe"])})
+    """Sample ``num_samples`` images (balanced classes when conditional) and score them
+    (``inception``: also ImageNet-Inception FID on the same images)."""
+    opts = pipe.default_options(**options)
     labels = None
     if pipe.conditional:
         per = -(-num_samples // pipe.spec.num_classes)
@@ -66,6 +65,8 @@ def evaluate_pipeline(
     result = evaluate_images(
         images, labels, seed=seed, data_dir=pipe.cfg.data.data_dir, evaluator=evaluator
     )
+    if inception:
+        result.update(inception_fid(images, data_dir=pipe.cfg.data.data_dir))
     result.update(
         sampler=opts.sampler,
         steps=opts.steps,
@@ -311,9 +312,6 @@ def run_sweep(
     names = list(sweeps)
     for combo in itertools.product(*(sweeps[n] for n in names)):
         options = {**base, **dict(zip(names, combo, strict=True))}
-        if "nfe" in options and options["nfe"] is not None:
-            sampler = options.get("sampler") or pipe.cfg.sample.sampler
-            options["steps"] = steps_for_nfe(sampler, options.pop("nfe"))
         row = evaluate_pipeline(
             pipe, num_samples=num_samples, seed=seed, batch_size=batch_size, **options
         )
@@ -536,27 +534,16 @@ def run_evaluate_cli(args) -> int:
         seed=args.seed,
         batch_size=args.batch_size,
         progress=True,
+        inception=args.inception_fid,
         **base,
     )
     if args.inception_fid:
-        result.update(
-            inception_fid(
-                pipe.sample(**_label_kwargs(pipe, args.num_samples), seed=args.seed),
-                data_dir=args.data_dir,
-            )
-        )
         print(result.get("inception_fid_note") or f"inception_fid: {result['inception_fid']:.3f}")
     if args.model_metrics:
         n = args.model_metric_images
         result["objective_mse_by_t"] = objective_mse_by_time(pipe, num_images=n, seed=args.seed)
         result.update(bits_per_dim(pipe, num_images=min(n, 100), seed=args.seed))
     return _report([result], args, {})
-
-
-def _label_kwargs(pipe: Pipeline, n: int) -> dict:
-    if not pipe.conditional:
-        return {"num": n}
-    return {"labels": label_tensor(per_class=-(-n // pipe.spec.num_classes))[:n]}
 
 
 def _report(rows: list[dict], args, sweeps: dict) -> int:

@@ -8,7 +8,7 @@ engine shared by the CLI, the training previews and the evaluator.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -207,7 +207,11 @@ class Pipeline:
         return self.cfg.model.conditional
 
     def default_options(self, **overrides) -> SampleOptions:
-        """The config's sample section, with keyword overrides (None = keep)."""
+        """The config's sample section, with keyword overrides (None = keep).
+
+        ``nfe=K`` picks the steps that give K network evaluations for the chosen sampler.
+        """
+        nfe = overrides.pop("nfe", None)
         s = self.cfg.sample
         base = {
             "sampler": s.sampler,
@@ -217,6 +221,8 @@ class Pipeline:
             "threshold": s.threshold,
         }
         base.update({k: v for k, v in overrides.items() if v is not None})
+        if nfe is not None:
+            base["steps"] = steps_for_nfe(base["sampler"], nfe)
         return SampleOptions(**base)
 
     def generate(
@@ -231,10 +237,7 @@ class Pipeline:
         **options,
     ) -> Samples:
         """Images in model range (see :func:`generate`); ``options`` override SampleOptions."""
-        nfe = options.pop("nfe", None)
         opts = self.default_options(**options)
-        if nfe is not None:
-            opts = replace(opts, steps=steps_for_nfe(opts.sampler, nfe))
         if labels is not None:
             labels = torch.as_tensor(labels, dtype=torch.long)
             num = len(labels)
