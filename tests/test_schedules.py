@@ -8,6 +8,7 @@ from mnistdiff.schedules import (
     DISCRETE_GRID_KINDS,
     FLOW_SIGMA_TILDE_MAX,
     GRID_KINDS,
+    KARRAS_SIGMA_MAX,
     SCHEDULE_NAMES,
     build_schedule,
     sample_training_times,
@@ -145,7 +146,10 @@ def test_grids(name, kind, steps):
     ts = time_grid(s, kind, steps)
     assert ts.dtype == F64 and ts.shape == (steps + 1,)
     assert bool((ts[1:] < ts[:-1]).all()) and ts[-1] == 0.0
-    if name == "flow" and kind in ("karras", "logsnr"):  # starts below t = 1 (sigma_tilde = 80)
+    if kind == "karras":  # every schedule's sigma_tilde(1) exceeds the default bound of 80
+        assert float(s.sigma_tilde(torch.tensor(1.0, dtype=F64))) > KARRAS_SIGMA_MAX
+        assert float(s.sigma_tilde(ts[0])) == pytest.approx(KARRAS_SIGMA_MAX, rel=1e-9)
+    elif name == "flow" and kind == "logsnr":  # starts below t = 1 (sigma_tilde = 80)
         expected_first = FLOW_SIGMA_TILDE_MAX / (1 + FLOW_SIGMA_TILDE_MAX)
         assert float(ts[0]) == pytest.approx(expected_first, rel=1e-9)
     elif kind == "leading" or (kind == "linspace" and steps == 1):
@@ -178,6 +182,23 @@ def test_continuous_grid_spacing():
     assert st[-1] ** 5 == pytest.approx(float(s.sigma_tilde(torch.tensor(1e-3, dtype=F64))))
 
 
+@pytest.mark.parametrize("name", SCHEDULE_NAMES)
+@pytest.mark.parametrize("sigma_max", [2.0, 80.0, 1e3, math.inf])
+def test_karras_sigma_max(name, sigma_max):
+    s = build_schedule(name, 1000)
+    full = time_grid(s, "karras", 12, sigma_max=math.inf)  # the schedule's whole range
+    ts = time_grid(s, "karras", 12, rho=5.0, sigma_max=sigma_max)
+    assert bool((ts[1:] < ts[:-1]).all()) and ts[-1] == 0.0 and ts.shape == (13,)
+    st = s.sigma_tilde(ts[:-1])
+    st_full = s.sigma_tilde(full[:-1])
+    assert float(st[0]) == pytest.approx(min(float(st_full[0]), sigma_max), rel=1e-9)
+    assert float(st[-1]) == pytest.approx(float(st_full[-1]), rel=1e-9)  # same cleanest point
+    root = st ** (1 / 5)
+    assert torch.allclose(root.diff(), root.diff()[:1].expand(11), rtol=1e-6)
+    if sigma_max == math.inf and name != "flow":
+        assert ts[0] == 1.0
+
+
 def test_grid_errors():
     s = build_schedule("linear", 100)
     with pytest.raises(ValueError, match="allowed: uniform, logsnr, karras"):
@@ -188,3 +209,10 @@ def test_grid_errors():
         time_grid(s, "trailing", 101)
     with pytest.raises(ValueError, match="rho"):
         time_grid(s, "karras", 10, rho=0.0)
+    for bad in (0.0, -1.0, math.nan, True, "80"):
+        with pytest.raises(ValueError, match="sigma_max must be a number > 0"):
+            time_grid(s, "karras", 10, sigma_max=bad)
+    with pytest.raises(ValueError, match="sigma_max must be > the karras grid's smallest"):
+        time_grid(s, "karras", 10, sigma_max=1e-3)
+    with pytest.raises(ValueError, match="sigma_max applies only to the 'karras' grid"):
+        time_grid(s, "logsnr", 10, sigma_max=80.0)

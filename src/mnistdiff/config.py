@@ -139,7 +139,9 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class SampleConfig:
-    sampler: str = _opt("dpmpp_2m", help="ddpm | ddim | euler | heun | dpmpp_2m | ...")
+    sampler: str = _opt(
+        "dpmpp_2m", help="ddpm | ddim | euler | heun | dpmpp_2m | dpmpp_3m | unipc"
+    )
     steps: int = _opt(10, lo=1, hi=100000, help="dpmpp_2m at 10 NFE: best FD in the README sweep")
     guidance: float = _opt(2.0, lo=0.0, hi=100.0, help="u + w(c - u); 1 = plain conditional")
     eta: float = _opt(0.0, lo=0.0, hi=1.0)

@@ -38,6 +38,8 @@ SIGMOID_START, SIGMOID_END, SIGMOID_TAU = -3.0, 3.0, 1.0
 #: sigma_tilde range of ``logsnr``/``karras`` grids for flow, whose sigma_tilde is infinite at t = 1
 #: (EDM defaults, Karras et al. 2022).
 FLOW_SIGMA_TILDE_MAX, FLOW_SIGMA_TILDE_MIN = 80.0, 0.002
+#: Default upper sigma_tilde of ``karras`` grids (EDM's sigma_max, Karras et al. 2022, Table 1).
+KARRAS_SIGMA_MAX = 80.0
 
 
 def _to_float64(t: Tensor | float) -> tuple[Tensor, torch.dtype]:
@@ -266,8 +268,13 @@ def _continuous_range(schedule: Schedule) -> tuple[float, float]:
     return t_hi, t_lo
 
 
-def _spaced_times(schedule: Schedule, kind: str, steps: int, rho: float) -> Tensor:
-    """``steps`` descending times from t_hi to t_lo, uniform in log-SNR or Karras-spaced."""
+def _spaced_times(
+    schedule: Schedule, kind: str, steps: int, rho: float, sigma_max: float
+) -> Tensor:
+    """``steps`` descending times from t_hi to t_lo, uniform in log-SNR or Karras-spaced.
+
+    The ``karras`` grid starts at ``sigma_tilde = min(sigma_tilde(t_hi), sigma_max)``.
+    """
     t_hi, t_lo = _continuous_range(schedule)
     lam_hi_noise, lam_lo_noise = schedule.log_snr(torch.tensor([t_hi, t_lo], dtype=torch.float64))
     frac = torch.linspace(0.0, 1.0, steps, dtype=torch.float64)
@@ -275,6 +282,14 @@ def _spaced_times(schedule: Schedule, kind: str, steps: int, rho: float) -> Tens
         lam = lam_hi_noise + frac * (lam_lo_noise - lam_hi_noise)
     else:  # karras: sigma_tilde^(1/rho) uniform
         s_max, s_min = torch.exp(-0.5 * lam_hi_noise), torch.exp(-0.5 * lam_lo_noise)
+        if sigma_max < s_max:
+            if not sigma_max > s_min:
+                raise ValueError(
+                    f"sigma_max must be > the karras grid's smallest sigma_tilde "
+                    f"{float(s_min):.6g}, got {sigma_max!r}"
+                )
+            s_max = torch.tensor(sigma_max, dtype=torch.float64)
+            t_hi = float(schedule.t_from_sigma_tilde(s_max))
         a, b = s_max ** (1.0 / rho), s_min ** (1.0 / rho)
         lam = -2.0 * rho * torch.log(a + frac * (b - a))
     t = schedule.t_from_log_snr(lam)
@@ -301,29 +316,59 @@ def _discrete_times(schedule: Schedule, kind: str, steps: int) -> Tensor:
     return idx / n
 
 
-def time_grid(schedule: Schedule, kind: str, steps: int, *, rho: float = 7.0) -> Tensor:
+def time_grid(
+    schedule: Schedule,
+    kind: str,
+    steps: int,
+    *,
+    rho: float = 7.0,
+    sigma_max: float | None = None,
+) -> Tensor:
     """Descending sampling times (float64 [steps + 1]) ending with 0.0 ("return x0_hat").
 
     Kinds:
         ``uniform``: uniform in t from 1 to 0.
         ``logsnr``: uniform in log-SNR from t_hi to t_lo, then 0.
-        ``karras``: ``sigma_tilde^(1/rho)`` uniform from t_hi to t_lo (Karras et al. 2022, eq. 5),
-            then 0.
+        ``karras``: ``sigma_tilde^(1/rho)`` uniform from ``min(sigma_tilde(t_hi), sigma_max)``
+            down to ``sigma_tilde(t_lo)`` (Karras et al. 2022, eq. 5), then 0.
         ``leading``/``trailing``/``linspace``: DDPM timestep spacings of Lin et al. 2024 (Table 2),
             discrete schedules only; ``trailing`` with ``steps == T`` visits every timestep.
 
     t_hi = 1 and t_lo = 1 / T for discrete schedules. For flow (infinite ``sigma_tilde`` at t = 1)
     ``logsnr`` and ``karras`` run over ``sigma_tilde`` in ``[0.002, 80]`` (EDM), so they start just
     below t = 1. ``leading`` (and ``linspace`` with one step) do not start at t = 1 either: that is
-    the flaw Lin et al. point out, kept for comparison. All other grids start at exactly 1.0.
+    the flaw Lin et al. point out, kept for comparison. ``uniform``, ``trailing``, ``linspace``
+    (steps > 1) and ``logsnr`` on discrete schedules start at exactly 1.0.
+
+    Why ``karras`` is bounded by default: a discrete schedule's ``sigma_tilde(1)`` is 157
+    (linear), 1.8e3 (sigmoid) or 2e4 (cosine) for T = 1000, and with ``rho = 7`` most of the grid
+    is then spent at noise levels where x0_hat barely changes. On a 10-minute cosine/eps model
+    (guidance 2, 100 samples) bounding at 80 raised Heun's class accuracy at 9 NFE from 11% to
+    99% and Euler's at 10 NFE from 82% to 95%. 80 is EDM's sigma_max: there
+    ``alpha = 1/sqrt(1 + 80^2) ~ 0.0125``, so the signal ``alpha x0`` that
+    :func:`mnistdiff.samplers.initial_sample` drops (it starts from ``sigma * noise``) is at most
+    1.25% of the unit noise for data in [-1, 1], and the Gaussian sampler tests still hit their
+    target moments.
+
+    Args:
+        schedule: the noise schedule.
+        kind: one of ``GRID_KINDS``.
+        steps: number of steps (>= 1); the grid has ``steps + 1`` entries.
+        rho: ``karras`` spacing exponent (> 0; EDM uses 7).
+        sigma_max: ``karras`` only: upper bound on the first point's ``sigma_tilde`` (> the grid's
+            smallest ``sigma_tilde``). None means ``KARRAS_SIGMA_MAX`` (80); ``math.inf`` keeps the
+            schedule's full range (t_hi). It never raises the start above t_hi.
 
     Raises:
-        ValueError: unknown kind, ``steps < 1``, ``rho <= 0``, a discrete kind on flow, or
-            ``steps > T`` for a discrete kind.
+        ValueError: unknown kind, ``steps < 1``, ``rho <= 0``, ``sigma_max`` out of range or given
+            for a kind other than ``karras``, a discrete kind on flow, or ``steps > T`` for a
+            discrete kind.
     """
     _check_steps(steps)
     if kind not in GRID_KINDS:
         raise ValueError(f"unknown grid kind {kind!r}; allowed: {', '.join(GRID_KINDS)}")
+    if sigma_max is not None and kind != "karras":
+        raise ValueError(f"sigma_max applies only to the 'karras' grid, got kind {kind!r}")
     if kind == "uniform":
         return torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
     if kind in DISCRETE_GRID_KINDS:
@@ -331,5 +376,8 @@ def time_grid(schedule: Schedule, kind: str, steps: int, *, rho: float = 7.0) ->
     else:
         if not rho > 0:
             raise ValueError(f"rho must be > 0, got {rho!r}")
-        t = _spaced_times(schedule, kind, steps, rho)
+        bound = KARRAS_SIGMA_MAX if sigma_max is None else sigma_max
+        if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not bound > 0:
+            raise ValueError(f"sigma_max must be a number > 0 (or None), got {sigma_max!r}")
+        t = _spaced_times(schedule, kind, steps, rho, float(bound))
     return torch.cat([t, torch.zeros(1, dtype=torch.float64)])
