@@ -233,11 +233,13 @@ def test_evaluate_json(real_mnist, tmp_path):
             "--model-metrics",
             "--model-metric-images",
             "50",
+            "--ode-likelihood",
             "--inception-fid",
         )
         == 0
     )
     result = json.loads(out.read_text())
+    assert result["ode_num_images"] == 50 and result["bits_per_dim_ode"] > 0
     for key in (
         "fd_mnist",
         "kid",

@@ -4,8 +4,12 @@ process that trains the same global batch in-process.
 Model dropout is 0 (the smoke config): dropout masks are drawn per rank, so they are the one
 piece of randomness that differs between world sizes. Times, noise and label drops are drawn for
 the whole global batch and sharded, so they match by construction.
+
+Evaluation under torchrun: each worker samples its share of the batches and rank 0 scores the
+gathered images, which must equal those of one process.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -17,14 +21,19 @@ import torch
 
 from conftest import ROOT, mnist_dir
 from mnistdiff.checkpoint import load_checkpoint
+from mnistdiff.cli import main
 from mnistdiff.config import load_config
 from mnistdiff.distributed import (
     DistContext,
     DistributedError,
     agree_step,
+    batch_shares,
+    gather_rows,
     micro_batch_size,
     shard,
+    share_rows,
 )
+from mnistdiff.sample import Pipeline, label_tensor, load_npz, sample_across_ranks
 from mnistdiff.train import TrainingError, train
 
 SMOKE = ROOT / "configs" / "smoke.yaml"
@@ -57,18 +66,26 @@ def _train_here(run_dir: Path, data_dir: str, *extra, **kwargs) -> Path:
     return train(cfg, log=lambda *a, **k: None, **kwargs)
 
 
-def _torchrun(
-    run_dir: Path, data_dir: str, *extra, cli=(), entry=("-m", "mnistdiff"), env=None, timeout=120
+def _launch(
+    args, cwd: Path, data_dir: str, *, entry=("-m", "mnistdiff"), env=None, timeout=120
 ) -> subprocess.CompletedProcess:
     """Two gloo workers via ``python -m torch.distributed.run``; returns the finished process."""
-    sets = [arg for kv in _overrides(run_dir, data_dir, extra) for arg in ("--set", kv)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    cmd += [*entry, "train", "--config", str(SMOKE), *sets, *cli]
+    cmd += [*entry, *map(str, args)]
     child_env = {**os.environ, "OMP_NUM_THREADS": "1", "MNIST_DIR": data_dir, **(env or {})}
     child_env.pop("WORLD_SIZE", None)
     return subprocess.run(
-        cmd, env=child_env, capture_output=True, text=True, timeout=timeout, cwd=run_dir.parent
+        cmd, env=child_env, capture_output=True, text=True, timeout=timeout, cwd=cwd
     )
+
+
+def _torchrun(
+    run_dir: Path, data_dir: str, *extra, cli=(), entry=("-m", "mnistdiff"), env=None, timeout=120
+) -> subprocess.CompletedProcess:
+    """``mnistdiff train`` on the smoke config with two workers."""
+    sets = [arg for kv in _overrides(run_dir, data_dir, extra) for arg in ("--set", kv)]
+    args = ["train", "--config", str(SMOKE), *sets, *cli]
+    return _launch(args, run_dir.parent, data_dir, entry=entry, env=env, timeout=timeout)
 
 
 def _ok(proc: subprocess.CompletedProcess) -> None:
@@ -281,3 +298,156 @@ def test_hung_rank_times_out(data_dir, tmp_path):
     )
     assert proc.returncode != 0
     assert "Timed out" in proc.stderr
+
+
+# --------------------------------------------------------------------------- sampling, evaluation
+
+# 40 images in batches of 8: 5 batches, 3 on rank 0 and 2 on rank 1 (unequal shares). Stochastic
+# DDIM (eta = 1) draws fresh noise every step, so each batch's generator is exercised throughout.
+EVAL_ARGS = ("--num-samples", "40", "--batch-size", "8", "--steps", "2", "--eta", "1")
+
+
+def test_batch_shares_partition_the_batches():
+    assert batch_shares(40, 8, 2) == [range(0, 3), range(3, 5)]
+    assert batch_shares(10, 8, 3) == [range(0, 1), range(1, 2), range(2, 2)]
+    assert batch_shares(0, 8, 2) == [range(0, 0), range(0, 0)]
+    for num, size, world in [(40, 8, 2), (41, 8, 3), (7, 2, 5), (3, 5, 4)]:
+        shares = batch_shares(num, size, world)
+        assert [b for s in shares for b in s] == list(range(-(-num // size)))
+        rows = [share_rows(s, num, size) for s in shares]
+        assert [i for r in rows for i in r] == list(range(num))
+        assert max(map(len, shares)) - min(map(len, shares)) <= 1
+    with pytest.raises(DistributedError, match="batch size >= 1"):
+        batch_shares(10, 0, 2)
+
+
+def test_gather_rows_single_process_is_identity():
+    x = torch.arange(6).reshape(3, 2)
+    assert gather_rows(x, [3], DistContext()) is x
+    with pytest.raises(DistributedError, match="rank 0 has 3 rows, expected 2"):
+        gather_rows(x, [2], DistContext())
+
+
+@pytest.fixture(scope="module")
+def pipe(reference):
+    return Pipeline.load(reference / "checkpoints" / "last.pt", device="cpu")
+
+
+def test_batches_generated_apart_equal_one_call(pipe):
+    """The images of a batch depend on (seed, batch index) only, so any split of the batch
+    indices (one per rank) reproduces the single call exactly."""
+    labels = label_tensor(per_class=2)  # 20 images, batches of 6: 4 batches, the last of 2
+    kw = {"seed": 3, "batch_size": 6, "steps": 2, "eta": 1.0}
+    whole = pipe.generate(labels, **kw)
+    parts = [pipe.generate(labels, batches=b, **kw) for b in (range(0, 1), range(1, 4))]
+    assert torch.equal(torch.cat([p.x for p in parts]), whole.x)
+    assert torch.equal(torch.cat([p.labels for p in parts]), whole.labels)
+    assert pipe.generate(labels, batches=range(4, 4), **kw).x.shape[0] == 0
+    images, nfe = sample_across_ranks(pipe, labels, 20, DistContext(), **kw)
+    assert torch.equal(images, pipe.to_uint8(whole.x)) and nfe == whole.nfe
+    with pytest.raises(ValueError, match=r"within range\(4\)"):
+        pipe.generate(labels, batches=range(2, 5), **kw)
+
+
+def _evaluate_here(ckpt: Path, out: Path, *args) -> dict:
+    assert main(["evaluate", "--checkpoint", str(ckpt), "--device", "cpu", *map(str, args)]) == 0
+    return json.loads(out.read_text())
+
+
+def _evaluate_on_two(ckpt: Path, cwd: Path, data_dir: str, *args):
+    cwd.mkdir()
+    proc = _launch(["evaluate", "--checkpoint", ckpt, "--device", "cpu", *args], cwd, data_dir)
+    _ok(proc)
+    return proc
+
+
+def test_evaluate_on_two_processes_matches_one(reference, data_dir, tmp_path, capsys):
+    ckpt = reference / "checkpoints" / "last.pt"
+    one = tmp_path / "one"
+    expected = _evaluate_here(
+        ckpt, one / "r.json", *EVAL_ARGS, "--json", one / "r.json", "--save-samples", one / "s.npz"
+    )
+    capsys.readouterr()
+    two = tmp_path / "two"
+    proc = _evaluate_on_two(
+        ckpt, two, data_dir, *EVAL_ARGS, "--json", "r.json", "--save-samples", "s.npz"
+    )
+    got = json.loads((two / "r.json").read_text())
+    # The same images (and balanced labels) as one process, whatever the number of processes.
+    images_one, labels_one = load_npz(one / "s.npz")
+    images_two, labels_two = load_npz(two / "s.npz")
+    assert images_two.shape == (40, 28, 28)
+    assert torch.equal(images_two, images_one) and torch.equal(labels_two, labels_one)
+    assert torch.equal(labels_two.bincount(), torch.full((10,), 4))
+    assert (got["num_samples"], got["world_size"], expected["world_size"]) == (40, 2, 1)
+    assert got["nfe"] == expected["nfe"] == 2 and got["batch_size"] == 8
+    for key in ("fd_mnist", "kid", "precision", "recall", "class_accuracy"):
+        assert got[key] == pytest.approx(expected[key], rel=1e-6, abs=1e-9), key
+    assert got["sampling_seconds"] > 0
+    # Rank 0 alone printed and wrote: one table, one message per file, no stray files.
+    assert sorted(p.name for p in two.iterdir()) == ["r.json", "s.npz"]
+    assert proc.stdout.count("| step | epoch") == 1
+    assert proc.stdout.count("wrote r.json") == proc.stdout.count("wrote s.npz") == 1
+
+
+@pytest.mark.parametrize(
+    "mode, varied, values",
+    [
+        (("--sweep", "guidance=1,3"), "guidance", [1.0, 3.0]),
+        (("--all-checkpoints",), "step", [3, 6]),
+    ],
+)
+def test_evaluate_sweeps_on_two_processes_match_one(
+    reference, data_dir, tmp_path, capsys, mode, varied, values
+):
+    """Each configuration of a sweep, or each checkpoint of a run, is split the same way;
+    rank 0 alone logs the rows and writes the JSON, table and plot."""
+    args = (*mode, "--num-samples", "20", "--batch-size", "8", "--steps", "2")
+    expected = _evaluate_here(
+        reference, tmp_path / "one.json", *args, "--json", tmp_path / "one.json"
+    )
+    capsys.readouterr()
+    two = tmp_path / "two"
+    proc = _evaluate_on_two(reference, two, data_dir, *args, "--json", "rows.json")
+    rows = json.loads((two / "rows.json").read_text())
+    assert [r[varied] for r in rows] == [r[varied] for r in expected] == values
+    assert [r["world_size"] for r in rows] == [2, 2]
+    for row, ref in zip(rows, expected, strict=True):
+        assert row["fd_mnist"] == pytest.approx(ref["fd_mnist"], rel=1e-6)
+        assert row["class_accuracy"] == ref["class_accuracy"]
+    name = "sweep_guidance" if varied == "guidance" else "sweep_checkpoints"
+    assert sorted(p.name for p in two.iterdir()) == ["rows.json", f"{name}.md", f"{name}.png"]
+    assert proc.stdout.count(f"{varied}={values[-1]:g}") == 1  # the row's log line, rank 0 only
+
+
+def test_sample_on_two_processes_matches_one(reference, data_dir, tmp_path, capsys, monkeypatch):
+    """``torchrun ... sample``: the same grid, .npz and GIF (batch 0, on rank 0) as one process."""
+    args = ["--checkpoint", str(reference), "--device", "cpu", "--per-class", "3"]
+    args += ["--batch-size", "8", "--steps", "2", "--eta", "1"]
+    args += ["--out", "g.png", "--save-npz", "s.npz", "--gif", "g.gif"]
+    one = tmp_path / "one"
+    one.mkdir()
+    monkeypatch.chdir(one)
+    assert main(["sample", *args]) == 0
+    capsys.readouterr()
+    two = tmp_path / "two"
+    two.mkdir()
+    proc = _launch(["sample", *args], two, data_dir)
+    _ok(proc)
+    assert sorted(p.name for p in two.iterdir()) == ["g.gif", "g.png", "s.npz"]
+    for name in ("g.gif", "g.png"):
+        assert (two / name).read_bytes() == (one / name).read_bytes(), name
+    (images_one, labels_one), (images_two, labels_two) = map(
+        load_npz, (one / "s.npz", two / "s.npz")
+    )
+    assert images_two.shape == (30, 28, 28) and torch.equal(images_two, images_one)
+    assert torch.equal(labels_two, labels_one)
+    assert proc.stdout.count("wrote g.png (30 images") == 1
+
+
+def test_save_samples_only_for_one_evaluation(reference, tmp_path, capsys):
+    ckpt = reference / "checkpoints" / "last.pt"
+    args = ["evaluate", "--checkpoint", str(ckpt), "--sweep", "guidance=1,3"]
+    assert main([*args, "--save-samples", str(tmp_path / "s.npz")]) == 1
+    assert "--save-samples" in capsys.readouterr().err
+    assert not (tmp_path / "s.npz").exists()

@@ -108,19 +108,34 @@ def _naive_mmd2(x: np.ndarray, y: np.ndarray) -> float:
 def test_kid_whole_set_matches_naive_formula():
     rng = np.random.default_rng(5)
     x, y = rng.normal(size=(12, 3)), rng.normal(1.0, 1.0, size=(12, 3))
-    mean, std = kernel_inception_distance(x, y, num_subsets=3, subset_size=10**6)
+    mean, std, stderr = kernel_inception_distance(x, y, num_subsets=3, subset_size=10**6)
     assert mean == pytest.approx(_naive_mmd2(x, y), rel=1e-10)
     assert std == pytest.approx(0.0, abs=1e-12)  # every subset is the whole (permuted) set
+    assert stderr == pytest.approx(0.0, abs=1e-12)
 
 
 def test_kid_same_distribution_near_zero_shifted_positive():
     rng = np.random.default_rng(6)
     x, y = rng.normal(size=(1500, 16)), rng.normal(size=(1500, 16))
-    same, same_std = kernel_inception_distance(x, y, num_subsets=30, subset_size=300)
-    shifted, shifted_std = kernel_inception_distance(x, y + 0.5, num_subsets=30, subset_size=300)
+    same, same_std, _ = kernel_inception_distance(x, y, num_subsets=30, subset_size=300)
+    shifted, shifted_std, _ = kernel_inception_distance(x, y + 0.5, num_subsets=30, subset_size=300)
     assert abs(same) < 3 * same_std
     assert shifted > 5 * shifted_std
     assert shifted > 20 * abs(same)
+
+
+def test_kid_stderr_is_std_over_sqrt_subsets_and_shrinks():
+    rng = np.random.default_rng(9)
+    x, y = rng.normal(size=(400, 8)), rng.normal(0.2, 1.0, size=(400, 8))
+    few = kernel_inception_distance(x, y, num_subsets=10, subset_size=50)
+    many = kernel_inception_distance(x, y, num_subsets=160, subset_size=50)
+    for kid, n in ((few, 10), (many, 160)):
+        assert kid.stderr == pytest.approx(kid.std / math.sqrt(n), rel=1e-12)
+        assert kid.std > 0
+    assert many.std == pytest.approx(few.std, rel=0.6)  # std of one subset estimate: stable
+    assert many.stderr < few.stderr / 2  # 16x subsets: ~4x smaller standard error
+    one = kernel_inception_distance(x, y, num_subsets=1, subset_size=50)
+    assert one.std == 0.0 and one.stderr == 0.0
 
 
 def test_kid_is_seeded():
@@ -275,5 +290,6 @@ def test_real_data_floor_far_below_noise(evaluator, reference):
     assert floor["num_samples"] == 500 and floor["class_accuracy"] > 0.98
     assert floor["fd_mnist"] < 0.05 * bad["fd_mnist"]
     assert floor["kid"] < 0.05 * bad["kid"]
+    assert bad["kid_stderr"] == pytest.approx(bad["kid_std"] / math.sqrt(20))
     assert floor["precision"] > 0.5 and bad["precision"] < 0.05
     assert floor["class_balance_tv"] < 0.1

@@ -216,3 +216,25 @@ def test_grid_errors():
         time_grid(s, "karras", 10, sigma_max=1e-3)
     with pytest.raises(ValueError, match="sigma_max applies only to the 'karras' grid"):
         time_grid(s, "logsnr", 10, sigma_max=80.0)
+
+
+@pytest.mark.parametrize("mean,std", [(0.0, 1.0), (0.5, 0.7)])
+def test_logit_normal_training_times(mean, std):
+    g = torch.Generator().manual_seed(0)
+    f = sample_training_times(
+        build_schedule("flow"), 20000, g, kind="logit_normal", logit_mean=mean, logit_std=std
+    )
+    logit = torch.logit(f.double())
+    assert abs(logit.mean().item() - mean) < 0.03 and abs(logit.std().item() - std) < 0.03
+    s = build_schedule("cosine", 50)
+    d = sample_training_times(s, 20000, g, kind="logit_normal", logit_mean=mean, logit_std=std)
+    idx = d.double() * 50
+    assert torch.allclose(idx, torch.round(idx), atol=1e-4)
+    assert int(torch.round(idx).min()) >= 1 and int(torch.round(idx).max()) <= 50
+    # the discrete draw is the continuous one rounded up to the grid: same median
+    assert abs(d.median().item() - torch.sigmoid(torch.tensor(mean)).item()) < 0.03
+
+
+def test_training_times_bad_kind():
+    with pytest.raises(ValueError, match="allowed: uniform, logit_normal"):
+        sample_training_times(build_schedule("flow"), 4, None, kind="beta")

@@ -113,10 +113,16 @@ def cmd_train(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    from .images import make_grid, save_gif, save_grid
-    from .sample import Pipeline, label_tensor
+    """Under torchrun every rank samples its share of the batches; rank 0 writes the files."""
+    import torch
 
-    pipe = Pipeline.load(args.checkpoint, device=args.device or "auto", use_ema=not args.no_ema)
+    from .distributed import setup
+    from .images import make_grid, save_gif, save_grid
+    from .sample import Pipeline, label_tensor, sample_across_ranks
+
+    ctx = setup(args.device or "auto")
+    device = str(ctx.device) if ctx.is_distributed else (args.device or "auto")
+    pipe = Pipeline.load(args.checkpoint, device=device, use_ema=not args.no_ema)
     n_cls = pipe.spec.num_classes
     if args.unconditional or not pipe.conditional:
         labels, num, nrow = None, args.num or 64, 8
@@ -128,14 +134,17 @@ def cmd_sample(args) -> int:
         labels = label_tensor(digits, num=args.num, num_classes=n_cls)
         num = len(labels)
         nrow = num // len(set(labels.tolist())) if digits else max(1, num // n_cls)
-    frames = []
+    frames, shown = [], [num]  # the trajectory is batch 0's (all images if they fit one batch)
 
     def keep_frames(i, x_t, x0_hat):
-        frames.append(make_grid(pipe.to_uint8(x_t[:num].clamp(-1, 1)), nrow=nrow))
+        shown[0] = len(x_t)
+        frames.append(make_grid(pipe.to_uint8(x_t.clamp(-1, 1)), nrow=nrow))
 
-    out = pipe.generate(
+    images, nfe = sample_across_ranks(
+        pipe,
         labels,
         num,
+        ctx,
         seed=args.seed,
         batch_size=args.batch_size,
         progress=True,
@@ -150,19 +159,21 @@ def cmd_sample(args) -> int:
         guidance_rescale=args.guidance_rescale,
         guidance_interval=args.guidance_interval,
     )
-    images = pipe.to_uint8(out.x)
+    if not ctx.is_main:
+        return 0
     save_grid(images, args.out, nrow=nrow, scale=2)
     print(
         f"wrote {args.out} ({num} images, sampler {args.sampler or pipe.cfg.sample.sampler}, "
-        f"NFE {out.nfe} per image)"
+        f"NFE {nfe} per image)"
     )
     if args.save_npz:
         from .sample import save_npz
 
-        save_npz(args.save_npz, images, out.labels)
+        no_labels = torch.full((num,), -1)
+        save_npz(args.save_npz, images, labels if labels is not None else no_labels)
         print(f"wrote {args.save_npz}")
     if args.gif:
-        frames.append(make_grid(images, nrow=nrow))
+        frames.append(make_grid(images[: shown[0]], nrow=nrow))
         save_gif(frames, args.gif, scale=2)
         print(f"wrote {args.gif} ({len(frames)} frames)")
     return 0
@@ -286,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sampler", help="ddpm | ddim | euler | heun | dpmpp_2m | ...")
+    p.add_argument("--sampler", help="ddpm | ddim | euler | heun | dpmpp_2m | dpmpp_3m | unipc")
     p.add_argument("--steps", type=int, help="sampler steps")
     p.add_argument("--nfe", type=int, help="pick the steps giving this many network evaluations")
     p.add_argument("--guidance", type=float, help="CFG scale w (u + w(c-u)); 1 = conditional")

@@ -89,6 +89,13 @@ class DiffusionConfig:
     num_timesteps: int = _opt(1000, lo=10, hi=100000)
     loss: str = _opt("mse", choices=("mse", "l1"))
     min_snr_gamma: float = _opt(0.0, lo=0.0, hi=1000.0, help="0 disables min-SNR weighting")
+    time_sampling: str = _opt(
+        "uniform", choices=("uniform", "logit_normal"), help="training-time distribution"
+    )
+    logit_mean: float = _opt(
+        0.0, lo=-10.0, hi=10.0, help="logit_normal: mean of logit(t); > 0 = noisier"
+    )
+    logit_std: float = _opt(1.0, lo=0.01, hi=10.0, help="logit_normal: std of logit(t)")
     label_dropout: float = _opt(0.1, lo=0.0, hi=1.0, help="p(uncond) for classifier-free guidance")
 
 
@@ -139,9 +146,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class SampleConfig:
-    sampler: str = _opt(
-        "dpmpp_2m", help="ddpm | ddim | euler | heun | dpmpp_2m | dpmpp_3m | unipc"
-    )
+    sampler: str = _opt("dpmpp_2m", help="ddpm | ddim | euler | heun | dpmpp_2m | dpmpp_3m | unipc")
     steps: int = _opt(10, lo=1, hi=100000, help="dpmpp_2m at 10 NFE: best FD in the README sweep")
     guidance: float = _opt(2.0, lo=0.0, hi=100.0, help="u + w(c - u); 1 = plain conditional")
     eta: float = _opt(0.0, lo=0.0, hi=1.0)

@@ -12,6 +12,10 @@ Conventions (see ``docs/distributed.md``):
   (:func:`shard`), so the examples, times, noise and label drops of a step do not depend on the
   number of processes or on gradient accumulation.
 - Only rank 0 writes files; every rank holds the same weights, optimizer state and EMA.
+- Sampling for evaluation splits the *batches* of a request: rank ``r`` generates a contiguous
+  run of global batch indices (:func:`batch_shares`), each batch seeded by ``(seed, batch)``, and
+  rank 0 gathers the images (:func:`gather_rows`), so the images do not depend on the number of
+  processes.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import datetime
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -186,6 +191,82 @@ def maybe_no_sync(model: Denoiser, sync: bool):
     if not sync and isinstance(model.backbone, DistributedDataParallel):
         return model.backbone.no_sync()
     return contextlib.nullcontext()
+
+
+def current_context() -> DistContext:
+    """The context of the initialized default process group (rank 0 of 1 when there is none)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return DistContext()
+    if dist.get_backend() == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device("cpu")
+    return DistContext(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        device=device,
+    )
+
+
+def batch_shares(num_items: int, batch_size: int, world_size: int) -> list[range]:
+    """Global batch indices of every rank: contiguous runs, one more for the first ranks.
+
+    ``num_items`` split into ``ceil(num_items / batch_size)`` batches; rank 0 gets a batch
+    whenever there is one, and ranks beyond the number of batches get an empty range.
+    """
+    if batch_size < 1 or num_items < 0 or world_size < 1:
+        raise DistributedError(
+            f"cannot split {num_items} items in batches of {batch_size} over {world_size} "
+            "processes; need items >= 0, batch size >= 1, processes >= 1"
+        )
+    num_batches = -(-num_items // batch_size)
+    base, extra = divmod(num_batches, world_size)
+    shares, start = [], 0
+    for rank in range(world_size):
+        stop = start + base + (rank < extra)
+        shares.append(range(start, stop))
+        start = stop
+    return shares
+
+
+def share_rows(share: range, num_items: int, batch_size: int) -> range:
+    """Item indices covered by a run of batch indices."""
+    return range(min(share.start * batch_size, num_items), min(share.stop * batch_size, num_items))
+
+
+def gather_rows(x: Tensor, counts: list[int], ctx: DistContext) -> Tensor | None:
+    """Concatenate every rank's rows (dim 0) on rank 0, in rank order.
+
+    Args:
+        x: this rank's rows, ``counts[rank]`` of them; the other dims match on every rank.
+        counts: rows of every rank (known to all, so no sizes are exchanged).
+        ctx: the job; with one process ``x`` is returned as is.
+
+    Returns:
+        The ``sum(counts)`` rows on rank 0 (on CPU), None on the other ranks.
+    """
+    if len(x) != counts[ctx.rank]:
+        raise DistributedError(f"rank {ctx.rank} has {len(x)} rows, expected {counts[ctx.rank]}")
+    if not ctx.is_distributed:
+        return x
+    device = _comm_device(ctx)
+    buf = torch.zeros((max(counts), *x.shape[1:]), dtype=x.dtype, device=device)
+    buf[: len(x)] = x.to(device)  # padded: gather needs one shape on every rank
+    parts = [torch.empty_like(buf) for _ in counts] if ctx.is_main else None
+    dist.gather(buf, parts, dst=0)
+    if not ctx.is_main:
+        return None
+    return torch.cat([p[:n] for p, n in zip(parts, counts, strict=True)]).cpu()
+
+
+def broadcast_object(obj: Any, ctx: DistContext) -> Any:
+    """Rank 0's ``obj`` (plain data, pickled by torch) on every rank."""
+    if not ctx.is_distributed:
+        return obj
+    box = [obj if ctx.is_main else None]
+    dist.broadcast_object_list(box, src=0, device=_comm_device(ctx))
+    return box[0]
 
 
 def _comm_device(ctx: DistContext) -> torch.device:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -17,11 +16,24 @@ from typing import Any
 import torch
 
 from .atomic import atomic_path, atomic_write_text
-from .data import load_dataset, pad_to, to_model_range
+from .data import load_dataset
+from .distributed import (
+    DistContext,
+    barrier,
+    broadcast_object,
+    current_context,
+    setup,
+    teardown,
+)
 from .evaluator import load_evaluator
-from .losses import diffusion_loss
+from .likelihood import (  # noqa: F401  (re-exported: model-side metrics moved there)
+    bits_per_dim,
+    likelihood_metrics,
+    objective_mse_by_time,
+    ode_bits_per_dim,
+)
 from .metrics import image_metrics, real_data_floor, reference_stats
-from .sample import Pipeline, label_tensor, load_npz
+from .sample import Pipeline, label_tensor, load_npz, sample_across_ranks, save_npz
 
 SWEEPABLE = ("guidance", "steps", "nfe", "sampler", "eta", "grid")
 
@@ -47,34 +59,61 @@ def evaluate_pipeline(
     evaluator=None,
     progress: bool = False,
     inception: bool = False,
+    ctx: DistContext | None = None,
+    save_samples: str | Path | None = None,
     **options,
 ) -> dict[str, Any]:
     """Sample ``num_samples`` images (balanced classes when conditional) and score them
-    (``inception``: also ImageNet-Inception FID on the same images)."""
+    (``inception``: also ImageNet-Inception FID on the same images).
+
+    With several processes (``ctx``; default: the initialized process group, if any) each rank
+    samples its share of the batches, rank 0 gathers and scores the images and every rank
+    returns rank 0's result. The images depend on ``seed`` and ``batch_size``, not on the
+    number of processes. ``save_samples``: also write them (and the labels) as ``.npz``.
+    """
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    ctx = ctx or current_context()
     opts = pipe.default_options(**options)
+    batch_size = batch_size or pipe.cfg.sample.batch_size
     labels = None
     if pipe.conditional:
         per = -(-num_samples // pipe.spec.num_classes)
         labels = label_tensor(per_class=per, num_classes=pipe.spec.num_classes)[:num_samples]
+    barrier(ctx)  # time all ranks from a common start
     t0 = time.perf_counter()
-    out = pipe.generate(
-        labels, num_samples, seed=seed, batch_size=batch_size, progress=progress, **opts.__dict__
+    images, nfe = sample_across_ranks(
+        pipe,
+        labels,
+        num_samples,
+        ctx,
+        seed=seed,
+        batch_size=batch_size,
+        progress=progress,
+        **opts.__dict__,
     )
-    seconds = time.perf_counter() - t0
-    images = pipe.to_uint8(out.x)
+    seconds = time.perf_counter() - t0  # wall time, including the gather on rank 0
+    if not ctx.is_main:
+        return broadcast_object(None, ctx)
     result = evaluate_images(
         images, labels, seed=seed, data_dir=pipe.cfg.data.data_dir, evaluator=evaluator
     )
+    if save_samples is not None:
+        no_labels = torch.full((num_samples,), -1)
+        save_npz(save_samples, images, labels if labels is not None else no_labels)
+        result["samples_file"] = str(save_samples)
     if inception:
         result.update(inception_fid(images, data_dir=pipe.cfg.data.data_dir))
     result.update(
         sampler=opts.sampler,
         steps=opts.steps,
-        nfe=out.nfe,
+        nfe=nfe,
         guidance=opts.guidance if pipe.conditional else None,
         eta=opts.eta,
         grid=opts.grid,
         seed=seed,
+        batch_size=batch_size,
+        world_size=ctx.world_size,
         sampling_seconds=seconds,
         sampling_images_per_sec=num_samples / seconds,
         checkpoint=str(pipe.source),
@@ -82,7 +121,7 @@ def evaluate_pipeline(
         epoch=pipe.info.get("epoch"),
         ema=pipe.info.get("ema"),
     )
-    return result
+    return broadcast_object(result, ctx)
 
 
 def inception_fid(images: torch.Tensor, *, data_dir=None) -> dict[str, Any]:
@@ -119,161 +158,6 @@ class _RGBImages(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> torch.Tensor:
         return self.images[i].unsqueeze(0).expand(3, -1, -1).contiguous()
-
-
-# --------------------------------------------------------------------------- model-side metrics
-
-
-@torch.no_grad()
-def objective_mse_by_time(
-    pipe: Pipeline, *, num_images: int = 1000, bins: int = 10, seed: int = 0
-) -> dict[str, list[float]]:
-    """Test-set objective MSE and noise-prediction (eps) MSE at the centre of each t-bin."""
-    x0, y = _test_batch(pipe, num_images)
-    den = pipe.denoiser
-    gen = torch.Generator().manual_seed(seed)
-    noise = torch.randn(x0.shape, generator=gen)
-    centers = [(i + 0.5) / bins for i in range(bins)]
-    objective, eps_mse = [], []
-    for c in centers:
-        t = torch.full((len(x0),), c)
-        objective.append(_batched_loss(pipe, x0, y, t, noise).mean().item())
-        alpha, sigma = den.coefficients(t, x0)
-        x_t = alpha * x0 + sigma * noise
-        x0_hat = _batched_x0(pipe, x_t, t, y)
-        eps_hat = (x_t - alpha * x0_hat) / sigma
-        eps_mse.append((eps_hat - noise).square().mean().item())
-    return {"t_bin_centers": centers, "objective_mse": objective, "eps_mse": eps_mse}
-
-
-def _test_batch(pipe: Pipeline, num_images: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    data = load_dataset(
-        pipe.cfg.data.dataset, pipe.cfg.data.data_dir, download=pipe.cfg.data.download
-    )
-    x = to_model_range(data.test_images[:num_images])
-    if pipe.cfg.data.pad_to_32:
-        x = pad_to(x, 32)
-    y = data.test_labels[:num_images] if pipe.conditional else None
-    return x, y
-
-
-def _chunks(n: int, size: int = 500):
-    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
-
-
-def _batched_loss(pipe, x0, y, t, noise) -> torch.Tensor:
-    d, out = pipe.device, []
-    for s in _chunks(len(x0)):
-        with pipe.precision.autocast(d):
-            out.append(
-                diffusion_loss(
-                    pipe.denoiser,
-                    x0[s].to(d),
-                    _opt(y, s, d),
-                    t[s].to(d),
-                    noise[s].to(d),
-                    loss="mse",
-                ).cpu()
-            )
-    return torch.cat(out)
-
-
-def _batched_x0(pipe, x_t, t, y) -> torch.Tensor:
-    d, out = pipe.device, []
-    for s in _chunks(len(x_t)):
-        with pipe.precision.autocast(d):
-            out.append(pipe.denoiser(x_t[s].to(d), t[s].to(d), _opt(y, s, d)).float().cpu())
-    return torch.cat(out)
-
-
-def _opt(y, s, d):
-    return None if y is None else y[s].to(d)
-
-
-@torch.no_grad()
-def bits_per_dim(
-    pipe: Pipeline, *, num_images: int = 100, t_samples: int = 50, seed: int = 0
-) -> dict[str, Any]:
-    """Negative log-likelihood bound (bits/dim) on test images: the DDPM variational bound.
-
-    ``L = L_T + sum_{t=2..T} KL(q(x_{t-1}|x_t,x0) || p(x_{t-1}|x_t)) + L_0`` with the reverse
-    variance fixed to the posterior variance and a discretised Gaussian decoder at t = 1
-    (Ho et al. 2020, Sec. 3.3). The sum over t is estimated by Monte Carlo: ``t_samples``
-    uniform draws per image, scaled by ``T - 1`` (unbiased). Discrete-time schedules only.
-    """
-    sched = pipe.denoiser.schedule
-    if not sched.is_discrete:
-        return {
-            "bits_per_dim": None,
-            "note": "the DDPM bound needs a discrete-time schedule (not rectified flow)",
-        }
-    x0, y = _test_batch(pipe, num_images)
-    abar = sched.alphas_cumprod.double()
-    T = len(abar)
-    gen = torch.Generator().manual_seed(seed)
-    dims = x0[0].numel()
-    prior = _prior_kl(x0, abar[-1])
-    decoder = _decoder_nll(pipe, x0, y, abar, gen)
-    ts = torch.randint(2, T + 1, (t_samples,), generator=gen)
-    kls = torch.stack([_kl_term(pipe, x0, y, abar, int(t), gen) for t in ts])  # [S, N]
-    total = prior + decoder + (T - 1) * kls.mean(0)
-    bpd = total / (dims * math.log(2))
-    return {
-        "bits_per_dim": bpd.mean().item(),
-        "bits_per_dim_stderr": (bpd.std() / math.sqrt(len(bpd))).item(),
-        "num_images": len(x0),
-        "t_samples": t_samples,
-        "prior_bpd": (prior / (dims * math.log(2))).mean().item(),
-        "decoder_bpd": (decoder / (dims * math.log(2))).mean().item(),
-    }
-
-
-def _prior_kl(x0: torch.Tensor, abar_T: torch.Tensor) -> torch.Tensor:
-    """KL(q(x_T|x0) || N(0, I)) per image, in nats."""
-    mean = abar_T.sqrt() * x0.double()
-    var = 1 - abar_T
-    return (0.5 * (var + mean**2 - 1 - torch.log(var))).flatten(1).sum(1)
-
-
-def _posterior(abar, t: int, x0, x_t):
-    """Mean and variance of q(x_{t-1} | x_t, x0) for discrete index t (1-based)."""
-    a_t, a_prev = abar[t - 1], abar[t - 2] if t >= 2 else torch.tensor(1.0, dtype=abar.dtype)
-    beta = 1 - a_t / a_prev
-    var = beta * (1 - a_prev) / (1 - a_t)
-    mean = (a_prev.sqrt() * beta / (1 - a_t)) * x0 + (
-        (1 - beta).sqrt() * (1 - a_prev) / (1 - a_t)
-    ) * x_t
-    return mean, var
-
-
-def _noisy(abar, t: int, x0, gen):
-    noise = torch.randn(x0.shape, generator=gen, dtype=torch.float64)
-    return abar[t - 1].sqrt() * x0.double() + (1 - abar[t - 1]).sqrt() * noise
-
-
-def _x0_hat(pipe, x_t, t: int, y, T: int):
-    tt = torch.full((len(x_t),), t / T)
-    return _batched_x0(pipe, x_t.float(), tt, y).double().clamp(-1, 1)
-
-
-def _kl_term(pipe, x0, y, abar, t: int, gen) -> torch.Tensor:
-    x_t = _noisy(abar, t, x0, gen)
-    mean_q, var = _posterior(abar, t, x0.double(), x_t)
-    mean_p, _ = _posterior(abar, t, _x0_hat(pipe, x_t, t, y, len(abar)), x_t)
-    return (0.5 * (mean_q - mean_p) ** 2 / var).flatten(1).sum(1)
-
-
-def _decoder_nll(pipe, x0, y, abar, gen) -> torch.Tensor:
-    """-log p(x0 | x1) with a Gaussian discretised to the 256 pixel bins of [-1, 1]."""
-    x1 = _noisy(abar, 1, x0, gen)
-    mean = _x0_hat(pipe, x1, 1, y, len(abar))
-    std = (1 - abar[0]).sqrt()
-    normal = torch.distributions.Normal(mean, std)
-    x = x0.double()
-    upper = torch.where(x > 0.999, torch.ones_like(x), normal.cdf(x + 1 / 255))
-    lower = torch.where(x < -0.999, torch.zeros_like(x), normal.cdf(x - 1 / 255))
-    prob = (upper - lower).clamp_min(1e-12)
-    return -torch.log(prob).flatten(1).sum(1)
 
 
 # --------------------------------------------------------------------------- sweeps
@@ -472,6 +356,11 @@ def add_evaluate_args(p, add_sampling_args) -> None:
         help="test images for --model-metrics (bits/dim uses at most 100)",
     )
     p.add_argument(
+        "--ode-likelihood",
+        action="store_true",
+        help="with --model-metrics: also probability-flow ODE bits/dim (always on for flow)",
+    )
+    p.add_argument(
         "--inception-fid",
         action="store_true",
         help="also ImageNet-Inception FID (needs the 'fid' extra: torch-fidelity)",
@@ -479,21 +368,44 @@ def add_evaluate_args(p, add_sampling_args) -> None:
     p.add_argument("--data-dir", help="folder with the MNIST IDX files")
     p.add_argument("--json", help="write the results as JSON")
     p.add_argument("--out-dir", help="where sweep tables and plots go (default: beside --json)")
+    p.add_argument("--save-samples", metavar="FILE.npz", help="also write the evaluated images")
 
 
 def run_evaluate_cli(args) -> int:
-    """Dispatch ``mnistdiff evaluate``; print a table; write JSON/plots."""
+    """Dispatch ``mnistdiff evaluate``; print a table; write JSON/plots.
+
+    Under torchrun (``WORLD_SIZE`` > 1) the sampling of a checkpoint evaluation, and of every
+    configuration of ``--sweep`` / ``--all-checkpoints``, is split across the ranks; rank 0
+    scores, prints and writes. ``--samples`` and ``--real-floor`` run on rank 0 alone.
+    """
     sweeps = parse_sweeps(args.sweep)
-    if args.real_floor:
-        result = real_data_floor(
-            load_evaluator(), args.num_samples, seed=args.seed, data_dir=args.data_dir
+    save = getattr(args, "save_samples", None)
+    if save and (sweeps or args.all_checkpoints or not args.checkpoint):
+        raise ValueError(
+            "--save-samples writes the images of one checkpoint evaluation; "
+            "it cannot be combined with --sweep, --all-checkpoints, --samples or --real-floor"
         )
-        return _report([result], args, {})
-    if args.samples:
+    ctx = setup(args.device or "auto")
+    try:
+        if args.checkpoint:
+            return _evaluate_checkpoint(args, sweeps, ctx)
+        if not ctx.is_main:
+            return 0
+        if args.real_floor:
+            result = real_data_floor(
+                load_evaluator(), args.num_samples, seed=args.seed, data_dir=args.data_dir
+            )
+            return _report([result], args, {})
         images, labels = load_npz(args.samples)
         result = evaluate_images(images, labels, seed=args.seed, data_dir=args.data_dir)
         result["source"] = str(args.samples)
         return _report([result], args, {})
+    finally:
+        teardown()
+
+
+def _evaluate_checkpoint(args, sweeps: dict, ctx: DistContext) -> int:
+    """``--checkpoint`` (one evaluation, a sweep or every checkpoint), split over ``ctx``."""
     base = {
         "sampler": args.sampler,
         "steps": args.steps,
@@ -505,55 +417,63 @@ def run_evaluate_cli(args) -> int:
         "guidance_rescale": args.guidance_rescale,
         "guidance_interval": args.guidance_interval,
     }
-    device = args.device or "auto"
+    device = str(ctx.device) if ctx.is_distributed else (args.device or "auto")
+    log = print if ctx.is_main else _silent
+    common = {"num_samples": args.num_samples, "seed": args.seed, "batch_size": args.batch_size}
     if args.all_checkpoints:
         rows = sweep_checkpoints(
-            Path(args.checkpoint),
-            base,
-            num_samples=args.num_samples,
-            seed=args.seed,
-            batch_size=args.batch_size,
-            device=device,
-            use_ema=not args.no_ema,
+            Path(args.checkpoint), base, device=device, use_ema=not args.no_ema, log=log, **common
         )
-        return _report(rows, args, {"checkpoints": []})
+        return _report(rows, args, {"checkpoints": []}) if ctx.is_main else 0
     pipe = Pipeline.load(args.checkpoint, device=device, use_ema=not args.no_ema)
+    _note_idle_ranks(args.num_samples, args.batch_size or pipe.cfg.sample.batch_size, ctx)
     if sweeps:
-        rows = run_sweep(
-            pipe,
-            sweeps,
-            base,
-            num_samples=args.num_samples,
-            seed=args.seed,
-            batch_size=args.batch_size,
-        )
-        return _report(rows, args, sweeps)
+        rows = run_sweep(pipe, sweeps, base, log=log, **common)
+        return _report(rows, args, sweeps) if ctx.is_main else 0
     result = evaluate_pipeline(
         pipe,
-        num_samples=args.num_samples,
-        seed=args.seed,
-        batch_size=args.batch_size,
         progress=True,
         inception=args.inception_fid,
+        ctx=ctx,
+        save_samples=getattr(args, "save_samples", None),
+        **common,
         **base,
     )
+    if not ctx.is_main:
+        return 0
     if args.inception_fid:
         print(result.get("inception_fid_note") or f"inception_fid: {result['inception_fid']:.3f}")
     if args.model_metrics:
         n = args.model_metric_images
         result["objective_mse_by_t"] = objective_mse_by_time(pipe, num_images=n, seed=args.seed)
-        result.update(bits_per_dim(pipe, num_images=min(n, 100), seed=args.seed))
+        ode = True if args.ode_likelihood else None  # None: ODE bits/dim only for flow
+        result.update(likelihood_metrics(pipe, num_images=min(n, 100), seed=args.seed, ode=ode))
+    if result.get("samples_file"):
+        print(f"wrote {result['samples_file']}")
     return _report([result], args, {})
+
+
+def _silent(*args, **kwargs) -> None:
+    """The log of ranks other than 0."""
+
+
+def _note_idle_ranks(num_samples: int, batch_size: int, ctx: DistContext) -> None:
+    batches = -(-num_samples // batch_size)
+    if ctx.is_main and batches < ctx.world_size:
+        print(
+            f"note: {num_samples} samples make {batches} batch(es) of {batch_size} for "
+            f"{ctx.world_size} processes, so {ctx.world_size - batches} stay idle; "
+            f"--batch-size {-(-num_samples // ctx.world_size)} or less keeps all busy "
+            "(the images depend on the batch size, not on the number of processes)"
+        )
 
 
 def _report(rows: list[dict], args, sweeps: dict) -> int:
     print(markdown_table(rows), end="")
     for row in rows:
-        if "bits_per_dim" in row and row["bits_per_dim"] is not None:
-            print(
-                f"bits/dim (DDPM bound): {row['bits_per_dim']:.3f} "
-                f"± {row['bits_per_dim_stderr']:.3f}"
-            )
+        for key, what in (("bits_per_dim_ddpm_bound", "DDPM bound"), ("bits_per_dim_ode", "ODE")):
+            if row.get(key) is not None:
+                print(f"bits/dim ({what}): {row[key]:.3f} ± {row[key + '_stderr']:.3f}")
     out_dir = (
         Path(args.out_dir) if args.out_dir else (Path(args.json).parent if args.json else None)
     )

@@ -13,9 +13,10 @@ sample count, so compare runs at equal N and quote the real-data floor beside it
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -88,6 +89,14 @@ def _mmd2_unbiased(x: Tensor, y: Tensor) -> float:
     return float((kxx.sum() - kxx.trace()) / off + (kyy.sum() - kyy.trace()) / off - 2 * kxy.mean())
 
 
+class KID(NamedTuple):
+    """KID estimate: mean MMD² over subsets, their std, and the standard error of the mean."""
+
+    mean: float
+    std: float
+    stderr: float
+
+
 def kernel_inception_distance(
     f1: ArrayLike,
     f2: ArrayLike,
@@ -95,7 +104,7 @@ def kernel_inception_distance(
     num_subsets: int = 100,
     subset_size: int = 1000,
     seed: int = 0,
-) -> tuple[float, float]:
+) -> KID:
     """Kernel Inception Distance (Bińkowski et al. 2018) between two feature sets.
 
     Unbiased MMD² with the cubic polynomial kernel ``k(x, y) = (x·y / d + 1)³``, averaged over
@@ -103,9 +112,13 @@ def kernel_inception_distance(
     ``subset_size`` is capped at the smaller set size.
 
     Returns:
-        ``(mean, std)``: the mean MMD² over subsets and the standard deviation of the subset
-        estimates (the usual reported KID error bar, as in torch-fidelity; 0 when each subset is
-        the whole set). The mean can be slightly negative when the distributions match.
+        ``KID(mean, std, stderr)``: the mean MMD² over subsets (can be slightly negative when the
+        distributions match); the standard deviation of the subset estimates (the error bar
+        torch-fidelity reports; it does not shrink with more subsets); and ``std /
+        sqrt(num_subsets)``, the standard error of the mean over subsets. That stderr measures
+        the subset-sampling noise given these two feature sets (the subsets overlap, so it is
+        not the sampling error of drawing new images). Both are 0 when every subset is the
+        whole set.
     """
     x, y = _as_f64(f1, "f1"), _as_f64(f2, "f2")
     if x.shape[1] != y.shape[1]:
@@ -128,7 +141,7 @@ def kernel_inception_distance(
         dtype=torch.float64,
     )
     std = float(vals.std(unbiased=True)) if num_subsets > 1 else 0.0
-    return float(vals.mean()), std
+    return KID(float(vals.mean()), std, std / math.sqrt(num_subsets))
 
 
 # ----------------------------------------------------------------------------- precision / recall
@@ -306,7 +319,8 @@ def image_metrics(
         seed: seed for KID subsets and for the precision/recall subsampling.
 
     Returns:
-        ``num_samples``, ``fd_mnist``, ``kid``, ``kid_std``, ``precision``, ``recall``,
+        ``num_samples``, ``fd_mnist``, ``kid``, ``kid_stderr`` (standard error of the mean over
+        KID subsets), ``kid_std`` (std of the subset estimates), ``precision``, ``recall``,
         ``pr_num_samples``, ``evaluator_sha256`` and the ``classification_metrics`` keys.
         Precision/recall compare N fakes with N reference features (both subsampled, seeded,
         to min(N, reference size)) so values at equal N are comparable.
@@ -319,7 +333,7 @@ def image_metrics(
         raise ValueError(f"need more than k={k} images, got {n}")
     ref_feats = torch.as_tensor(reference["features"], dtype=torch.float64)
     mu, sigma = gaussian_stats(feats)
-    kid, kid_std = kernel_inception_distance(
+    kid = kernel_inception_distance(
         feats, ref_feats, num_subsets=kid_subsets, subset_size=kid_subset_size, seed=seed
     )
     g = torch.Generator().manual_seed(seed)
@@ -328,8 +342,9 @@ def image_metrics(
     return {
         "num_samples": n,
         "fd_mnist": frechet_distance(mu, sigma, reference["mu"], reference["sigma"]),
-        "kid": kid,
-        "kid_std": kid_std,
+        "kid": kid.mean,
+        "kid_stderr": kid.stderr,
+        "kid_std": kid.std,
         "precision": precision,
         "recall": recall,
         "pr_num_samples": m,

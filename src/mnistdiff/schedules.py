@@ -232,25 +232,41 @@ def build_schedule(name: str, num_timesteps: int = 1000) -> Schedule:
     raise ValueError(f"unknown schedule {name!r}; allowed: {', '.join(SCHEDULE_NAMES)}")
 
 
+TIME_SAMPLINGS = ("uniform", "logit_normal")
+
+
 def sample_training_times(
     schedule: Schedule,
     batch_size: int,
     generator: torch.Generator | None,
     device: torch.device | str = "cpu",
+    *,
+    kind: str = "uniform",
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
 ) -> Tensor:
-    """Draw training times (float32 [B]) using only ``generator``.
+    """Draw training times (float32 [B]) using only ``generator``; t = 1 is pure noise.
 
-    Discrete schedules: ``t = (i + 1) / T`` with ``i`` uniform in ``{0..T-1}``.
-    Flow: uniform in ``(0, 1]`` (``1 - U[0, 1)``, so never exactly 0).
+    ``uniform``: discrete schedules draw ``t = (i + 1) / T`` with ``i`` uniform in ``{0..T-1}``;
+    flow draws ``1 - U[0, 1)`` in ``(0, 1]``. ``logit_normal``: ``logit(t) ~ N(logit_mean,
+    logit_std^2)``, concentrating training on intermediate noise levels (Esser et al. 2024, SD3,
+    Sec. 3.1; a positive mean favours noisier times); discrete schedules round ``t`` up to the
+    grid ``{1/T, .., 1}``. The model never sees t = 0.
     """
+    if kind not in TIME_SAMPLINGS:
+        raise ValueError(f"unknown time sampling {kind!r}; allowed: {', '.join(TIME_SAMPLINGS)}")
     gen_device = generator.device if generator is not None else torch.device("cpu")
-    if schedule.is_discrete:
-        n = schedule.num_timesteps
-        i = torch.randint(0, n, (batch_size,), generator=generator, device=gen_device)
-        t = (i.to(torch.float64) + 1.0) / n
+    shape, f64, steps = (batch_size,), torch.float64, schedule.num_timesteps
+    if kind == "uniform" and schedule.is_discrete:
+        i = torch.randint(0, steps, shape, generator=generator, device=gen_device).to(f64)
+        return ((i + 1.0) / steps).to(device=device, dtype=torch.float32)
+    if kind == "uniform":
+        t = 1.0 - torch.rand(shape, generator=generator, device=gen_device, dtype=f64)
     else:
-        u = torch.rand(batch_size, generator=generator, device=gen_device, dtype=torch.float64)
-        t = 1.0 - u
+        n = torch.randn(shape, generator=generator, device=gen_device, dtype=f64)
+        t = torch.sigmoid(logit_mean + logit_std * n).clamp(min=1e-6)
+    if schedule.is_discrete:
+        t = torch.ceil(t * steps).clamp(1, steps) / steps
     return t.to(device=device, dtype=torch.float32)
 
 

@@ -419,10 +419,23 @@ def _draw_step(cfg: Config, schedule, image_shape, gen: torch.Generator, ctx):
     """Times, noise and label-drop uniforms drawn for the whole global batch of one step;
     returns this rank's shard of each (so they do not depend on the number of processes)."""
     n, device = cfg.train.batch_size, gen.device
-    t = sample_training_times(schedule, n, gen, device)
+    t = _training_times(cfg, schedule, n, gen, device)
     noise = torch.randn((n, *image_shape), generator=gen, device=device)
     u = torch.rand(n, generator=gen, device=device)
     return tuple(distributed.shard(v, ctx) for v in (t, noise, u))
+
+
+def _training_times(cfg: Config, schedule, n: int, gen: torch.Generator, device) -> torch.Tensor:
+    d = cfg.diffusion
+    return sample_training_times(
+        schedule,
+        n,
+        gen,
+        device,
+        kind=d.time_sampling,
+        logit_mean=d.logit_mean,
+        logit_std=d.logit_std,
+    )
 
 
 def _drop_labels(
@@ -475,7 +488,7 @@ def _validate(cfg, denoiser, ema, data: TrainData, device, precision, progress, 
     for b in range(n_batches):
         x0 = data.val_x[b * bs : (b + 1) * bs].to(device)
         y = data.val_y[b * bs : (b + 1) * bs].to(device) if cfg.model.conditional else None
-        t = sample_training_times(model.schedule, len(x0), gen, device)
+        t = _training_times(cfg, model.schedule, len(x0), gen, device)
         noise = torch.randn(x0.shape, generator=gen, device=device)
         with precision.autocast(device):
             losses = diffusion_loss(
