@@ -225,3 +225,24 @@ def test_in_training_evaluation_and_best_by_fd(smoke_cfg):
     assert [r["epoch"] for r in evals] == [1, 2][: len(evals)] and evals
     assert all(r["eval_num_samples"] == 20 and 0 <= r["class_accuracy"] <= 1 for r in evals)
     assert state["best_value"] == min(r["fd_mnist"] for r in evals)
+
+
+def test_time_budget_refits_until_warmup_ends(monkeypatch):
+    """Fake clock: 5 slow start-up steps (10 s) then 1 s/step, 200 s budget, warmup 50."""
+    import mnistdiff.train as tr
+
+    clock = [0.0]
+    monkeypatch.setattr(tr.time, "perf_counter", lambda: clock[0])
+    budget = tr.TimeBudget(200 / 60, cap=10_000, warmup_steps=50)
+    progress = tr.Progress()
+    budget.start(progress)
+    total, fitted = 10_000, []
+    for step in range(1, 80):
+        clock[0] += 10.0 if step <= 5 else 1.0
+        progress.step = step
+        total = budget.update(progress, total)
+        fitted.append((step, total, budget.fitted_now))
+    # start-up steps do not count: 1 s/step from step 5 on, so 200 - 50 - (s - 5) s are left
+    assert fitted[19][:2] == (20, 20 + 200 - 50 - 15)  # first estimate at CALIBRATION steps
+    assert all(t == 155 for s, t, _ in fitted if s >= 20)  # the exact rate: 155 steps in total
+    assert [s for s, _, now in fitted if now] == [50]  # fixed (and announced) once, at warmup end

@@ -71,18 +71,23 @@ class Progress:
 class TimeBudget:
     """Fit the run to a wall-clock budget (``train.time_budget_minutes``).
 
-    After ``CALIBRATION`` steps the measured seconds per step fix the total number of steps
-    (never more than the configured epochs/steps), so warmup and cosine decay span the budget.
-    The total is saved in checkpoints and reused on resume. The loop also stops when the time
-    is up, whatever the estimate said.
+    From ``CALIBRATION`` steps on, the measured seconds per step (timed from step ``SKIP``, so
+    one-time start-up costs do not count) set the total number of steps, never more than the
+    configured epochs/steps, so warmup and cosine decay span the budget. The estimate is
+    refined every step until the LR warmup ends (the warmup does not depend on the total), then
+    fixed. The total is saved in checkpoints and reused on resume. The loop also stops when the
+    time is up, whatever the estimate said.
     """
 
+    SKIP = 5
     CALIBRATION = 20
 
-    def __init__(self, minutes: float | None, cap: int):
+    def __init__(self, minutes: float | None, cap: int, warmup_steps: int = 0):
         self.seconds = None if minutes is None else minutes * 60.0
         self.cap = cap
+        self.warmup_steps = warmup_steps
         self.fixed = minutes is None
+        self.fitted_now = False  # True right after the estimate was fixed (for the log)
 
     def resume(self, saved: dict, total_steps: int) -> int:
         """Keep the schedule length chosen by the interrupted invocation."""
@@ -94,22 +99,28 @@ class TimeBudget:
 
     def start(self, progress: Progress) -> None:
         self._t0, self._steps0 = time.perf_counter(), progress.step
+        self._t_skip = self._t0
         self._seconds0 = progress.train_seconds
 
     def update(self, progress: Progress, total_steps: int) -> int:
         """Account elapsed time; return the (possibly new) total number of steps."""
-        progress.train_seconds = self._seconds0 + time.perf_counter() - self._t0
+        now = time.perf_counter()
+        progress.train_seconds = self._seconds0 + now - self._t0
+        self.fitted_now = False
         if self.seconds is None:
             return total_steps
         if progress.train_seconds >= self.seconds:
             return progress.step  # time is up: this step is the last
         done = progress.step - self._steps0
-        if not self.fixed and done >= self.CALIBRATION:
-            per_step = (time.perf_counter() - self._t0) / done
-            left = int((self.seconds - progress.train_seconds) / per_step)
-            self.fixed = True
-            return max(progress.step + 1, min(self.cap, progress.step + left))
-        return total_steps
+        if done == self.SKIP:
+            self._t_skip = now
+        if self.fixed or done < self.CALIBRATION:
+            return total_steps
+        left = int(
+            (self.seconds - progress.train_seconds) * (done - self.SKIP) / (now - self._t_skip)
+        )
+        self.fixed = self.fitted_now = progress.step >= self.warmup_steps
+        return max(progress.step + 1, min(self.cap, progress.step + left))
 
 
 def lr_at(step: int, total_steps: int, cfg) -> float:
@@ -216,7 +227,7 @@ def train(
     )
     total_steps = cfg.train.steps or cfg.train.epochs * batches.batches_per_epoch
     progress = Progress()
-    budget = TimeBudget(cfg.train.time_budget_minutes, total_steps)
+    budget = TimeBudget(cfg.train.time_budget_minutes, total_steps, cfg.train.warmup_steps)
 
     if resume_path is not None:
         saved = _restore(resume_path, cfg, backbone, optimizer, ema, batches, progress, log)
@@ -350,12 +361,9 @@ def train(
 
             # ---- wall-clock budget: fit the schedule length, then stop on time
             new_total = budget.update(progress, total_steps)
+            if budget.fitted_now:
+                log(f"time budget: {new_total} steps fit in {cfg.train.time_budget_minutes:g} min")
             if new_total != total_steps:
-                if new_total != progress.step:
-                    log(
-                        f"time budget: {new_total} steps fit in "
-                        f"{cfg.train.time_budget_minutes:g} min"
-                    )
                 total_steps = bar.total = new_total
 
             # ---- events: validation, previews, checkpoints
