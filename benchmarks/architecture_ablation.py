@@ -5,6 +5,10 @@ AdamW), with the fp32 and bf16 matmul peaks measured first. This is the table be
 choices in ``configs/quick.yaml`` (README, "Quick recipe"). Prints JSON.
 
     python benchmarks/architecture_ablation.py [--batch-size 128] [--seconds 3] [--tiny]
+        [--modes fp32 fp32_channels_last bf16] [--only NAME_SUBSTRING ...]
+
+On CPUs without native bf16 (no AVX-512 BF16 / AMX) bf16 matmul is emulated and hundreds of
+times slower; leave ``bf16`` out of ``--modes`` there (its matmul peak is still measured).
 """
 
 from __future__ import annotations
@@ -22,23 +26,36 @@ from mnistdiff.models import build_backbone, count_parameters
 from mnistdiff.models.flops import train_flops
 
 U = "model.unet."
+
+
+def unet(channels: int, mults: str, blocks: int, attention: str, patch: int = 1) -> list[str]:
+    """Overrides for a UNet variant (``mults``/``attention`` in YAML list syntax)."""
+    return [
+        f"{U}patch_size={patch}",
+        f"{U}channels={channels}",
+        f"{U}channel_mults={mults}",
+        f"{U}num_res_blocks={blocks}",
+        f"{U}attention_levels={attention}",
+    ]
+
+
+def dit(size: str, patch: int) -> list[str]:
+    return ["model.type=dit", f"model.dit.size={size}", f"model.dit.patch_size={patch}"]
+
+
 VARIANTS = {
-    "unet c48 (1,2,2) 1 block": [f"{U}channels=48", f"{U}channel_mults=[1,2,2]",
-                                 f"{U}num_res_blocks=1"],
+    "unet c48 (1,2,2) 1 block": unet(48, "[1,2,2]", 1, "[2]"),
     "unet c64 (1,2,2) 2 blocks (configs/unet.yaml)": [],
-    "unet patch2 c128 (1,1) 1 block (quick)": [
-        f"{U}patch_size=2", f"{U}channels=128", f"{U}channel_mults=[1,1]",
-        f"{U}num_res_blocks=1", f"{U}attention_levels=[1]"],
-    "unet patch2 c96 (1,2) 1 block": [
-        f"{U}patch_size=2", f"{U}channels=96", f"{U}channel_mults=[1,2]",
-        f"{U}num_res_blocks=1", f"{U}attention_levels=[1]"],
-    "unet patch2 c96 (1,1) 2 blocks": [
-        f"{U}patch_size=2", f"{U}channels=96", f"{U}channel_mults=[1,1]",
-        f"{U}num_res_blocks=2", f"{U}attention_levels=[1]"],
-    "dit tiny patch2": ["model.type=dit", "model.dit.size=tiny", "model.dit.patch_size=2"],
-    "dit small patch4 (configs/dit.yaml)": ["model.type=dit", "model.dit.size=small",
-                                            "model.dit.patch_size=4"],
+    "unet patch2 c128 (1,1) 1 block": unet(128, "[1,1]", 1, "[1]", patch=2),
+    "unet patch2 c96 (1,2) 1 block": unet(96, "[1,2]", 1, "[1]", patch=2),
+    "unet patch2 c96 (1,1) 2 blocks": unet(96, "[1,1]", 2, "[1]", patch=2),
+    "unet patch2 c64 (1,2) 1 block": unet(64, "[1,2]", 1, "[1]", patch=2),
+    "unet patch2 c64 (1,1) 1 block": unet(64, "[1,1]", 1, "[1]", patch=2),
+    "dit tiny patch4": dit("tiny", 4),
+    "dit tiny patch2": dit("tiny", 2),
+    "dit small patch4": dit("small", 4),
 }  # fmt: skip
+MODES = ("fp32", "fp32_channels_last", "bf16")
 TINY = {
     "tiny unet": [
         f"{U}channels=16",
@@ -91,14 +108,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--tiny", action="store_true", help="one tiny model, a fraction of a second")
+    p.add_argument(
+        "--modes",
+        nargs="+",
+        choices=MODES,
+        default=list(MODES),
+        help="what to time per variant (default: all)",
+    )
+    p.add_argument(
+        "--only", nargs="+", metavar="TEXT", help="only variants whose name contains one of these"
+    )
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args(argv)
     variants, batch = (TINY, 4) if args.tiny else (VARIANTS, args.batch_size)
+    if args.only:
+        variants = {k: v for k, v in variants.items() if any(o in k for o in args.only)}
+        if not variants:
+            p.error(f"--only {args.only} matches no variant; names: {list(VARIANTS)}")
     size = 256 if args.tiny else 2048
     spec = DataSpec()
     result = {
         "threads": torch.get_num_threads(),
         "batch_size": batch,
+        "modes": args.modes,
         "matmul_peak_fp32": matmul_peak(torch.float32, size),
         "matmul_peak_bf16": matmul_peak(torch.bfloat16, size),
         "variants": [],
@@ -109,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, overrides in variants.items():
         cfg = load_config(None, [*overrides, f"{U}dropout=0"])
         row = {"name": name, "overrides": overrides}
-        for mode in ("fp32", "fp32_channels_last", "bf16"):
+        for mode in args.modes:
             torch.manual_seed(0)
             model = build_backbone(cfg.model, spec)
             row[f"{mode}_images_per_sec"] = images_per_sec(
@@ -117,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         row["parameters"] = count_parameters(model)
         row["train_flops_per_image"] = train_flops(model, spec)
-        best = max(row[f"{m}_images_per_sec"] for m in ("fp32", "fp32_channels_last", "bf16"))
+        best = max(row[f"{m}_images_per_sec"] for m in args.modes)
         row["best_flops_per_sec"] = best * row["train_flops_per_image"]
         row["utilisation_of_fp32_peak"] = row["best_flops_per_sec"] / result["matmul_peak_fp32"]
         result["variants"].append(row)

@@ -272,3 +272,16 @@ def test_architecture_ablation_tiny(capsys):
     assert row["parameters"] > 0 and row["train_flops_per_image"] > 0
     best = max(row[f"{m}_images_per_sec"] for m in ("fp32", "fp32_channels_last", "bf16"))
     assert math.isclose(row["best_flops_per_sec"], best * row["train_flops_per_image"])
+
+
+def test_architecture_ablation_modes_filter(capsys):
+    import architecture_ablation
+
+    assert architecture_ablation.main(["--tiny", "--modes", "fp32"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)["variants"]
+    assert row["fp32_images_per_sec"] > 0 and "bf16_images_per_sec" not in row
+    assert math.isclose(
+        row["best_flops_per_sec"], row["fp32_images_per_sec"] * row["train_flops_per_image"]
+    )
+    with pytest.raises(SystemExit):
+        architecture_ablation.main(["--only", "no-such-variant"])
