@@ -5,6 +5,6 @@ set -euo pipefail
 run="${1:?run directory}"
 name="${2:?asset name}"
 mnistdiff sample --checkpoint "$run" --per-class 8 --seed 0 --out "docs/assets/${name}_samples.png"
-# docs/assets/quick_samples.png was written by benchmarks/quality_budget.py (--out-dir keeps the
-# grid of the first 80 evaluated samples, 8 per class); the command above makes the same kind of
-# grid from any run.
+# docs/assets/quick_samples.png and dit_samples.png were written by benchmarks/quality_budget.py
+# (--out-dir keeps the grid of the first 80 evaluated samples, 8 per class; the README gives each
+# command); the command above makes the same kind of grid from any run.
