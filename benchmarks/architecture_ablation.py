@@ -8,7 +8,8 @@ choices in ``configs/quick.yaml`` (README, "Quick recipe"). Prints JSON.
         [--modes fp32 fp32_channels_last bf16] [--only NAME_SUBSTRING ...]
 
 On CPUs without native bf16 (no AVX-512 BF16 / AMX) bf16 matmul is emulated and hundreds of
-times slower; leave ``bf16`` out of ``--modes`` there (its matmul peak is still measured).
+times slower; leave ``bf16`` out of ``--modes`` there (its matmul peak is still measured, at
+the 256² probe size, see ``throughput.matmul_peak``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from mnistdiff.config import load_config
 from mnistdiff.data import DataSpec
 from mnistdiff.models import build_backbone, count_parameters
 from mnistdiff.models.flops import train_flops
+from throughput import matmul_peak
 
 U = "model.unet."
 
@@ -67,19 +69,9 @@ TINY = {
 }
 
 
-def matmul_peak(dtype: torch.dtype, n: int, repeats: int = 5) -> float:
-    """Best FLOP/s of an ``n x n`` matmul in ``dtype``. Where a 256² probe runs below
-    5 GFLOP/s (emulated bf16) the probe size is used, so the measurement takes seconds."""
-    if n > 256 and matmul_peak(dtype, 256, repeats=1) < 5e9:
-        n = 256
-    a = torch.randn(n, n).to(dtype)
-    a @ a
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ a
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
+def peak_flops(dtype: torch.dtype, size: int) -> float:
+    """Best FLOP/s of a ``size``² matmul on the CPU (``throughput.matmul_peak``, best of 5)."""
+    return matmul_peak(dtype, size, 5, torch.device("cpu"))["flops_per_sec"]
 
 
 def images_per_sec(model, x, t, y, mode: str, seconds: float) -> float:
@@ -134,8 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         "threads": torch.get_num_threads(),
         "batch_size": batch,
         "modes": args.modes,
-        "matmul_peak_fp32": matmul_peak(torch.float32, size),
-        "matmul_peak_bf16": matmul_peak(torch.bfloat16, size),
+        "matmul_peak_fp32": peak_flops(torch.float32, size),
+        "matmul_peak_bf16": peak_flops(torch.bfloat16, size),
         "variants": [],
     }
     g = torch.Generator().manual_seed(0)

@@ -126,10 +126,23 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+PROBE_SIZE = 256
+EMULATED_FLOPS = 5e9  # FLOP/s; far below any native fp32/bf16 matmul
+
+
 def matmul_peak(
     dtype: torch.dtype, size: int, repeats: int, device: torch.device
 ) -> dict[str, float]:
-    """Best FLOP/s of ``size x size`` matmuls in ``dtype`` (``2 n^3`` FLOPs each)."""
+    """Best FLOP/s of ``size x size`` matmuls in ``dtype`` (``2 n^3`` FLOPs each).
+
+    Where one ``PROBE_SIZE`` matmul runs below ``EMULATED_FLOPS`` (bf16 on CPUs without bf16
+    instructions) the probe size is measured instead, so the result takes seconds, not minutes;
+    ``size`` in the result is the size measured.
+    """
+    if size > PROBE_SIZE and matmul_peak(dtype, PROBE_SIZE, 1, device)["flops_per_sec"] < (
+        EMULATED_FLOPS
+    ):
+        size = PROBE_SIZE
     g = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(size, size, generator=g, device=device).to(dtype)
     b = torch.randn(size, size, generator=g, device=device).to(dtype)

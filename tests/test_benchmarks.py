@@ -285,3 +285,4 @@ def test_architecture_ablation_modes_filter(capsys):
     )
     with pytest.raises(SystemExit):
         architecture_ablation.main(["--only", "no-such-variant"])
+    assert "matches no variant" in capsys.readouterr().err
