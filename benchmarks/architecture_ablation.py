@@ -1,11 +1,11 @@
-"""Training speed of backbone variants side by side: fp32, fp32 channels-last, bf16 autocast.
+"""Training speed of backbone variants side by side: fp32 and bf16, each also channels-last.
 
 One process, one variant after another, the same batch and step (forward, MSE, backward,
 AdamW), with the fp32 and bf16 matmul peaks measured first. This is the table behind the
 choices in ``configs/quick.yaml`` (README, "Quick recipe"). Prints JSON.
 
     python benchmarks/architecture_ablation.py [--batch-size 128] [--seconds 3] [--tiny]
-        [--modes fp32 fp32_channels_last bf16] [--only NAME_SUBSTRING ...]
+        [--modes fp32 fp32_channels_last bf16 bf16_channels_last] [--only NAME_SUBSTRING ...]
 
 On CPUs without native bf16 (no AVX-512 BF16 / AMX) bf16 matmul is emulated and hundreds of
 times slower; leave ``bf16`` out of ``--modes`` there (its matmul peak is still measured, at
@@ -57,7 +57,7 @@ VARIANTS = {
     "dit tiny patch2": dit("tiny", 2),
     "dit small patch4": dit("small", 4),
 }  # fmt: skip
-MODES = ("fp32", "fp32_channels_last", "bf16")
+MODES = ("fp32", "fp32_channels_last", "bf16", "bf16_channels_last")
 TINY = {
     "tiny unet": [
         f"{U}channels=16",
@@ -77,12 +77,12 @@ def peak_flops(dtype: torch.dtype, size: int) -> float:
 def images_per_sec(model, x, t, y, mode: str, seconds: float) -> float:
     """Training images/s of one forward + MSE + backward + AdamW step, after two warm-ups."""
     opt = torch.optim.AdamW(model.parameters(), 1e-4)
-    if mode == "fp32_channels_last":
+    if mode.endswith("_channels_last"):
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
 
     def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "bf16"):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode.startswith("bf16")):
             out = model(x, t, y)
         loss = (out.float() - x).square().mean()
         opt.zero_grad(set_to_none=True)

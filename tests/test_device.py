@@ -36,9 +36,10 @@ def test_named_devices_are_validated(monkeypatch):
 
 
 def test_auto_precision_per_device(monkeypatch):
-    monkeypatch.setattr(dev, "_cpu_has_amx", lambda: False)
+    monkeypatch.setattr(dev, "_cpu_bf16_speedup", lambda: 2.0)
+    monkeypatch.setattr(dev, "_cpu_has_native_bf16", lambda: False)
     assert auto_precision(CPU) == "fp32"
-    monkeypatch.setattr(dev, "_cpu_has_amx", lambda: True)
+    monkeypatch.setattr(dev, "_cpu_has_native_bf16", lambda: True)
     assert auto_precision(CPU) == "bf16"
     assert auto_precision(torch.device("mps")) == "fp32"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
@@ -48,10 +49,11 @@ def test_auto_precision_per_device(monkeypatch):
 
 
 def test_select_precision_resolves_auto_and_rejects_bad_names(monkeypatch):
-    monkeypatch.setattr(dev, "_cpu_has_amx", lambda: False)
+    monkeypatch.setattr(dev, "_cpu_has_native_bf16", lambda: False)
     p = select_precision("auto", CPU)
     assert p.name == "fp32" and p.autocast_dtype is None and not p.grad_scaler
-    bf16 = select_precision("bf16", CPU)
+    with pytest.warns(UserWarning, match="bf16 matmul is emulated"):
+        bf16 = select_precision("bf16", CPU)
     assert bf16.autocast_dtype is torch.bfloat16 and not bf16.grad_scaler
     with pytest.raises(DeviceError, match="fp16 autocast is for GPUs"):
         select_precision("fp16", CPU)
@@ -65,3 +67,33 @@ def test_bf16_autocast_runs_matmul_in_bf16_on_cpu():
         assert (a @ a).dtype == torch.bfloat16
     with select_precision("fp32", CPU).autocast(CPU):
         assert (a @ a).dtype == torch.float32
+
+
+def test_native_bf16_probe_reads_amx_and_avx512_bf16(monkeypatch):
+    monkeypatch.setattr(dev, "_cpu_bf16_speedup", lambda: 2.0)
+    for amx, avx512 in [(False, False), (True, False), (False, True)]:
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda a=amx: a, raising=False)
+        monkeypatch.setattr(
+            torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512: v, raising=False
+        )
+        assert dev._cpu_has_native_bf16() == (amx or avx512)
+        assert auto_precision(CPU) == ("bf16" if amx or avx512 else "fp32")
+
+
+def test_auto_needs_a_measured_bf16_speedup(monkeypatch):
+    monkeypatch.setattr(dev, "_cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(dev, "_cpu_bf16_speedup", lambda: 0.5)  # AVX-512 BF16 Xeon: slower
+    assert auto_precision(CPU) == "fp32"
+    monkeypatch.setattr(dev, "_cpu_bf16_speedup", lambda: dev.BF16_MIN_SPEEDUP)
+    assert auto_precision(CPU) == "bf16"
+
+
+def test_bf16_speedup_probe_is_a_cached_positive_ratio():
+    ratio = dev._cpu_bf16_speedup()
+    assert ratio > 0 and dev._cpu_bf16_speedup() == ratio
+
+
+def test_forced_bf16_on_native_cpu_does_not_warn(monkeypatch, recwarn):
+    monkeypatch.setattr(dev, "_cpu_has_native_bf16", lambda: True)
+    assert select_precision("bf16", CPU).autocast_dtype is torch.bfloat16
+    assert not [w for w in recwarn if "emulated" in str(w.message)]

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -57,18 +60,42 @@ class Precision:
 
 def auto_precision(device: torch.device) -> str:
     """The fastest safe precision for ``device``: bf16 on CUDA when supported (else fp16),
-    bf16 on CPUs with AMX tiles, fp32 elsewhere (MPS, and CPUs without AMX, where bf16 matmul
-    peaks at about half the fp32 rate; measured in the README)."""
+    bf16 on CPUs whose bf16 matmul is measurably faster than fp32, fp32 elsewhere (MPS)."""
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if device.type == "cpu" and _cpu_has_amx():
+    if device.type == "cpu" and _cpu_has_native_bf16() and _cpu_bf16_speedup() >= BF16_MIN_SPEEDUP:
         return "bf16"
     return "fp32"
 
 
-def _cpu_has_amx() -> bool:
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(probe is not None and probe())
+# Native bf16 instructions are necessary but not sufficient: on an Intel Xeon with AVX-512 BF16
+# (no AMX) bf16 matmul ran at half the fp32 rate, on an AMD EPYC with it at 2.2x (README).
+BF16_MIN_SPEEDUP = 1.25
+PROBE_SIZE = 256
+
+
+def _cpu_has_native_bf16() -> bool:
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_bf16_speedup() -> float:
+    """fp32 / bf16 time of a 256-square matmul, best of 5 (about a millisecond)."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, PROBE_SIZE, PROBE_SIZE, generator=g)
+
+    def best_seconds(dtype: torch.dtype) -> float:
+        x, y = a.to(dtype), b.to(dtype)
+        x @ y
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            x @ y
+            times.append(time.perf_counter() - t0)
+        return max(min(times), 1e-9)
+
+    return best_seconds(torch.float32) / best_seconds(torch.bfloat16)
 
 
 def select_precision(name: str, device: torch.device) -> Precision:
@@ -83,6 +110,12 @@ def select_precision(name: str, device: torch.device) -> Precision:
     if name == "bf16":
         if device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise DeviceError("this CUDA device has no bf16 support; use precision fp16 or fp32")
+        if device.type == "cpu" and not _cpu_has_native_bf16():
+            warnings.warn(
+                "precision bf16 on a CPU without AMX or AVX-512 BF16: bf16 matmul is emulated "
+                "and can be hundreds of times slower than fp32; use precision auto or fp32",
+                stacklevel=2,
+            )
         return Precision("bf16", torch.bfloat16, False)
     if name == "fp16":
         if device.type == "cpu":
