@@ -269,10 +269,25 @@ def _step_window(events: list, warmup: int, steps: int) -> tuple[float, float]:
     return opt[warmup - 1][1], opt[warmup + steps - 1][1]
 
 
+# The named ranges of one training step (``record_function`` in ``mnistdiff.train``).
+PHASES = ("train/data", "train/forward", "train/backward", "train/optimizer", "train/ema",
+          "train/logging")  # fmt: skip
+
+
+def _phase_ms(events: list, lo: float, hi: float, steps: int) -> dict[str, float]:
+    """Wall time per step (ms, inclusive of the ops inside) of each phase in [lo, hi)."""
+    total = dict.fromkeys(PHASES, 0.0)
+    for e in events:
+        if e.name in total and lo <= e.time_range.start < hi:
+            total[e.name] += e.time_range.end - e.time_range.start
+    return {name: us / steps / 1e3 for name, us in total.items()}
+
+
 def profile_training(
     cfg: Config, precision: str, steps: int, warmup: int, workdir: Path, top: int = 10
 ) -> dict[str, Any]:
-    """Top ops by self CPU time per training step, under ``torch.profiler``.
+    """Time per training step by phase (data, forward, backward, optimizer, EMA, logging) and
+    the top ops by self CPU time, under ``torch.profiler``.
 
     One profiled ``train()`` call of ``warmup + steps`` steps (``warmup`` >= 1); only the ops
     that start inside the last ``steps`` step cycles are counted (:func:`_step_window`).
@@ -294,6 +309,9 @@ def profile_training(
             entry[0] += e.self_cpu_time_total
             entry[1] += 1
     step_us = (hi - lo) / steps
+    phases = _phase_ms(events, lo, hi, steps)
+    for name in PHASES:
+        totals.pop(name, None)  # user ranges, not ops: their self time is Python glue
     ops = sorted(((us / steps, n / steps, name) for name, (us, n) in totals.items()), reverse=True)
     tracked_us = sum(us for us, _, _ in ops)
     return {
@@ -302,6 +320,10 @@ def profile_training(
         "step_ms_under_profiler": step_us / 1e3,
         "ops_self_cpu_ms_per_step": tracked_us / 1e3,
         "untracked_ms_per_step": max(step_us - tracked_us, 0.0) / 1e3,
+        "phases": {
+            name.removeprefix("train/"): {"ms_per_step": ms, "share_of_step": ms * 1e3 / step_us}
+            for name, ms in phases.items()
+        },
         "top_ops": [
             {
                 "op": name,

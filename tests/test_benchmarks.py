@@ -124,6 +124,16 @@ def test_throughput_tiny(real_mnist, tmp_path):
         if prof["untracked_ms_per_step"] > 0:  # ops + Python overhead = the step
             total = prof["ops_self_cpu_ms_per_step"] + prof["untracked_ms_per_step"]
             assert total == pytest.approx(prof["step_ms_under_profiler"])
+        phases = prof["phases"]  # disjoint named ranges inside the step
+        assert set(phases) == {"data", "forward", "backward", "optimizer", "ema", "logging"}
+        for name in ("data", "forward", "backward", "optimizer", "logging"):  # log_every = 1
+            assert phases[name]["ms_per_step"] > 0, name
+        spent = sum(p["ms_per_step"] for p in phases.values())
+        assert spent <= prof["step_ms_under_profiler"] * (1 + 1e-6)
+        for p in phases.values():
+            assert p["share_of_step"] == pytest.approx(
+                p["ms_per_step"] / prof["step_ms_under_profiler"]
+            )
 
 
 RECIPE_FIELDS = (

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.profiler import record_function
 from tqdm import tqdm
 
 from . import distributed
@@ -279,15 +280,18 @@ def train(
         while progress.step < total_steps:
             step = progress.step
             epoch_before = batches.epoch
-            idx = batches.next_batch().to(device)
             lr = lr_at(step, total_steps, cfg.train)
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
             # ---- one optimizer step (grad accumulation over micro-batches)
-            torch.manual_seed(seed_for(cfg.train.seed, step, ctx.rank))  # dropout etc.
-            gen = step_generator(cfg.train.seed, step, 0, device)  # same on every rank
-            t_all, noise_all, u_all = _draw_step(cfg, denoiser.schedule, x_all.shape[1:], gen, ctx)
+            with record_function("train/data"):  # named phases for benchmarks/throughput.py
+                idx = batches.next_batch().to(device)
+                torch.manual_seed(seed_for(cfg.train.seed, step, ctx.rank))  # dropout etc.
+                gen = step_generator(cfg.train.seed, step, 0, device)  # same on every rank
+                t_all, noise_all, u_all = _draw_step(
+                    cfg, denoiser.schedule, x_all.shape[1:], gen, ctx
+                )
             optimizer.zero_grad(set_to_none=True)
             step_loss = 0.0
             for k, part in enumerate(idx.split(micro)):
@@ -296,7 +300,8 @@ def train(
                 t, noise = t_all[mb], noise_all[mb]
                 y = _drop_labels(y, u_all[mb], cfg, denoiser.null_label)
                 sync = k == cfg.train.grad_accum - 1
-                with distributed.maybe_no_sync(train_model, sync), precision.autocast(device):
+                no_sync = distributed.maybe_no_sync(train_model, sync)
+                with no_sync, precision.autocast(device), record_function("train/forward"):
                     losses = diffusion_loss(
                         train_model,
                         x0,
@@ -307,7 +312,8 @@ def train(
                         min_snr_gamma=cfg.diffusion.min_snr_gamma,
                     )
                 loss = losses.mean() / cfg.train.grad_accum
-                (scaler.scale(loss) if scaler else loss).backward()
+                with record_function("train/backward"):
+                    (scaler.scale(loss) if scaler else loss).backward()
                 step_loss += loss.item()
                 b_sum, b_cnt = loss_by_time_bin(t, losses)
                 window["bins"] += b_sum
@@ -329,17 +335,19 @@ def train(
                 optimizer.zero_grad(set_to_none=True)
                 grad_norm = float("nan")
             else:
-                if scaler:
-                    scaler.unscale_(optimizer)
-                clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
-                grad_norm = torch.nn.utils.clip_grad_norm_(backbone.parameters(), clip).item()
-                if scaler:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
+                with record_function("train/optimizer"):
+                    if scaler:
+                        scaler.unscale_(optimizer)
+                    clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
+                    grad_norm = torch.nn.utils.clip_grad_norm_(backbone.parameters(), clip).item()
+                    if scaler:
+                        scaler.step(optimizer)
+                        scaler.update()
+                    else:
+                        optimizer.step()
                 if ema is not None:
-                    ema.update(backbone, step)
+                    with record_function("train/ema"):
+                        ema.update(backbone, step)
             progress.step += 1
             bar.update(1)
 
@@ -348,16 +356,17 @@ def train(
             window["n"] += 1
             window["images"] += cfg.train.batch_size
             if progress.step % cfg.train.log_every == 0 or progress.step == total_steps:
-                distributed.sum_([window["bins"], window["counts"]], ctx)
-                record = _window_record(window, progress, lr, grad_norm)
-                progress.history.append(record)
-                logger.log(record)
-                bar.set_postfix(
-                    loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_sec']:.0f}"
-                )
-                window.update(loss=0.0, n=0, t0=time.perf_counter(), images=0)
-                window["bins"].zero_()
-                window["counts"].zero_()
+                with record_function("train/logging"):
+                    distributed.sum_([window["bins"], window["counts"]], ctx)
+                    record = _window_record(window, progress, lr, grad_norm)
+                    progress.history.append(record)
+                    logger.log(record)
+                    bar.set_postfix(
+                        loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_sec']:.0f}"
+                    )
+                    window.update(loss=0.0, n=0, t0=time.perf_counter(), images=0)
+                    window["bins"].zero_()
+                    window["counts"].zero_()
 
             # ---- wall-clock budget: fit the schedule length, then stop on time
             new_total = budget.update(progress, total_steps)
