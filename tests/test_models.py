@@ -338,3 +338,28 @@ def test_model_report_of_tiny_dit():
     tokens, w = 16, 32
     assert 2 * tokens * 12 * w * w * 2 < fwd < 2 * 2 * tokens * 12 * w * w * 2
     assert 2.5 * fwd < report["train_flops_per_image"] < 3.5 * fwd
+
+
+def test_cpu_attention_runs_in_fp32_under_bf16_autocast(monkeypatch):
+    """The CPU bf16 attention kernel is slow, so SelfAttention upcasts q, k, v on CPU."""
+    from mnistdiff.models import layers
+
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        seen.append((q.dtype, k.dtype, v.dtype, torch.is_autocast_enabled("cpu")))
+        return sdpa(q, k, v, **kw)
+
+    monkeypatch.setattr(layers.F, "scaled_dot_product_attention", spy)
+    torch.manual_seed(0)
+    attn = layers.SelfAttention(32, num_heads=4)
+    x = torch.randn(2, 9, 32, requires_grad=True)
+    ref = attn(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attn(x)
+    assert seen[-1] == (torch.float32, torch.float32, torch.float32, False)
+    assert out.dtype == torch.bfloat16  # the output projection still runs under autocast
+    assert (out.float() - ref).norm() / ref.norm() < 0.03
+    out.float().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()

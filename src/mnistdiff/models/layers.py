@@ -133,6 +133,12 @@ class SelfAttention(nn.Module):
         qkv = self.qkv(x).view(b, t, 3, self.num_heads, d // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, heads, T, head_dim]
         p = self.dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+        if x.device.type == "cpu":  # fp32 even under autocast: the CPU bf16 kernel (forward +
+            # backward) was 12x slower than fp32 at the quick recipe's shape (README)
+            with torch.autocast("cpu", enabled=False):
+                out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), dropout_p=p)
+            out = out.to(q.dtype)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
         out = out.transpose(1, 2).reshape(b, t, d)
         return self.proj_drop(self.proj(out))
