@@ -277,10 +277,12 @@ def test_architecture_ablation_tiny(capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["matmul_peak_fp32"] > 0 and result["matmul_peak_bf16"] > 0
     (row,) = result["variants"]
-    for mode in ("fp32", "fp32_channels_last", "bf16"):
+    modes = ("fp32", "fp32_channels_last", "bf16", "bf16_channels_last")
+    assert result["modes"] == list(modes)
+    for mode in modes:
         assert row[f"{mode}_images_per_sec"] > 0
     assert row["parameters"] > 0 and row["train_flops_per_image"] > 0
-    best = max(row[f"{m}_images_per_sec"] for m in ("fp32", "fp32_channels_last", "bf16"))
+    best = max(row[f"{m}_images_per_sec"] for m in modes)
     assert math.isclose(row["best_flops_per_sec"], best * row["train_flops_per_image"])
 
 
