@@ -8,8 +8,8 @@ choices in ``configs/quick.yaml`` (README, "Quick recipe"). Prints JSON.
         [--modes fp32 fp32_channels_last bf16 bf16_channels_last] [--only NAME_SUBSTRING ...]
 
 On CPUs without native bf16 (no AVX-512 BF16 / AMX) bf16 matmul is emulated and hundreds of
-times slower; leave ``bf16`` out of ``--modes`` there (its matmul peak is still measured, at
-the 256² probe size, see ``throughput.matmul_peak``).
+times slower; leave the ``bf16`` modes out of ``--modes`` there (its matmul peak is still
+measured, at the 256² probe size, see ``throughput.matmul_peak``).
 """
 
 from __future__ import annotations
