@@ -167,8 +167,8 @@ def test_shards_partition_the_global_batch():
 
 
 def test_agree_step_single_process_is_identity():
-    assert agree_step(0.5, None, DistContext()) == (0.5, None)
-    assert agree_step(0.5, 15, DistContext()) == (0.5, 15)
+    assert agree_step(0.5, None, 3.0, DistContext()) == (0.5, None, 3.0)
+    assert agree_step(0.5, 15, 3.0, DistContext()) == (0.5, 15, 3.0)
 
 
 # --------------------------------------------------------------------------- 1 vs 2 processes
@@ -194,6 +194,19 @@ def test_ddp_matches_one_process_and_only_rank0_writes(reference, ddp):
     # Other ranks are quiet: each one-line message appears once.
     assert proc.stdout.count("finished 6 steps") == 1
     assert proc.stdout.count("validation loss") == 2
+
+
+def test_time_budget_ends_every_rank_after_the_same_step(data_dir, tmp_path):
+    """Each rank's clock starts at its own moment; the budget follows the agreed (slowest)
+    clock, so both ranks fit one schedule and leave the loop together (else: a hang)."""
+    run = tmp_path / "run"
+    budget = ("train.steps=100000", "train.time_budget_minutes=0.1", "train.checkpoint_every=0")
+    proc = _torchrun(run, data_dir, *budget, "train.val_every=0", "train.log_every=10")
+    _ok(proc)
+    state = _last(run)
+    assert 20 < state["step"] <= state["lr_schedule"]["total_steps"] < 100000
+    assert 6.0 <= state["train_seconds"] < 6.0 + 5.0
+    assert proc.stdout.count("time budget:") == 1
 
 
 def test_resume_one_process_checkpoint_on_two(reference, data_dir, tmp_path):

@@ -7,7 +7,7 @@ import torch
 
 import mnistdiff.train as train_mod
 from mnistdiff.checkpoint import load_checkpoint
-from mnistdiff.train import TrainingError, TrainingInterrupted, lr_at, train
+from mnistdiff.train import TrainingError, TrainingInterrupted, build_optimizer, lr_at, train
 
 
 def _quiet(*args, **kwargs):
@@ -167,6 +167,28 @@ def test_lr_schedule():
     assert lr_at(10, 110, cfg) == pytest.approx(1.0)
     assert lr_at(60, 110, cfg) == pytest.approx(0.55)
     assert lr_at(110, 110, cfg) == pytest.approx(0.1)
+
+
+def test_fused_optimizer_matches_unfused_and_shares_state():
+    from mnistdiff.config import TrainConfig
+
+    cfg = TrainConfig(lr=1e-2, weight_decay=0.1, adam_beta2=0.99)
+    torch.manual_seed(0)
+    models = [torch.nn.Linear(8, 4) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    fused = build_optimizer(models[0], cfg, torch.device("cpu"))
+    plain = torch.optim.AdamW(models[1].parameters(), lr=1e-2, weight_decay=0.1, betas=(0.9, 0.99))
+    assert fused.defaults["fused"] and not plain.defaults["fused"]
+    for _ in range(5):
+        grads = [torch.randn_like(p) for p in models[0].parameters()]
+        for model, opt in zip(models, (fused, plain), strict=True):
+            for p, g in zip(model.parameters(), grads, strict=True):
+                p.grad = g.clone()
+            opt.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert not torch.equal(a, torch.zeros_like(a))
+    plain.load_state_dict(fused.state_dict())  # checkpoints move between the two
 
 
 def test_time_budget_fits_schedule_and_stops(smoke_cfg):

@@ -282,23 +282,29 @@ def mean_scalar(value: float, ctx: DistContext) -> float:
     return t.item() / ctx.world_size
 
 
-def agree_step(loss: float, signum: int | None, ctx: DistContext) -> tuple[float, int | None]:
-    """One collective per step: the loss averaged over ranks and whether any rank got a signal.
+def agree_step(
+    loss: float, signum: int | None, elapsed: float, ctx: DistContext
+) -> tuple[float, int | None, float]:
+    """One collective per step: the loss averaged over ranks, whether any rank got a signal,
+    and the slowest rank's clock.
 
-    Every rank then takes the same decision (skip a non-finite step, stop on SIGTERM), so no
-    rank waits in a collective the others have left.
+    Every rank then takes the same decision (skip a non-finite step, stop on SIGTERM, fit or
+    end a time budget), so no rank waits in a collective the others have left.
 
     Returns:
-        ``(mean loss, the largest signal number seen by any rank, or None)``.
+        ``(mean loss, the largest signal number seen by any rank or None, the largest
+        elapsed seconds)``.
     """
     if not ctx.is_distributed:
-        return loss, signum
-    mine = torch.tensor([loss, float(signum or 0)], dtype=torch.float64, device=_comm_device(ctx))
+        return loss, signum, elapsed
+    mine = torch.tensor(
+        [loss, float(signum or 0), elapsed], dtype=torch.float64, device=_comm_device(ctx)
+    )
     rows = [torch.empty_like(mine) for _ in range(ctx.world_size)]
     dist.all_gather(rows, mine)
-    table = torch.stack(rows).cpu()  # [world, 2]
+    table = torch.stack(rows).cpu()  # [world, 3]
     top = int(table[:, 1].max().item())
-    return table[:, 0].sum().item() / ctx.world_size, (top or None)
+    return table[:, 0].sum().item() / ctx.world_size, (top or None), table[:, 2].max().item()
 
 
 def sum_(tensors: list[Tensor], ctx: DistContext) -> None:

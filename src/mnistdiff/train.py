@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 from torch.profiler import record_function
 from tqdm import tqdm
 
@@ -78,6 +79,10 @@ class TimeBudget:
     refined every step until the LR warmup ends (the warmup does not depend on the total), then
     fixed. The total is saved in checkpoints and reused on resume. The loop also stops when the
     time is up, whatever the estimate said.
+
+    Every decision is a function of the step and of the elapsed seconds passed to
+    :meth:`update`; with several processes the loop passes the slowest rank's clock (agreed in
+    the per-step collective), so all ranks fit the same schedule and stop after the same step.
     """
 
     SKIP = 5
@@ -100,13 +105,18 @@ class TimeBudget:
 
     def start(self, progress: Progress) -> None:
         self._t0, self._steps0 = time.perf_counter(), progress.step
-        self._t_skip = self._t0
+        self._elapsed_skip = 0.0
         self._seconds0 = progress.train_seconds
 
-    def update(self, progress: Progress, total_steps: int) -> int:
-        """Account elapsed time; return the (possibly new) total number of steps."""
-        now = time.perf_counter()
-        progress.train_seconds = self._seconds0 + now - self._t0
+    def elapsed(self) -> float:
+        """Seconds since :meth:`start` on this process's clock."""
+        return time.perf_counter() - self._t0
+
+    def update(self, progress: Progress, total_steps: int, elapsed: float | None = None) -> int:
+        """Account ``elapsed`` seconds since start (default: this process's clock); return
+        the (possibly new) total number of steps."""
+        elapsed = self.elapsed() if elapsed is None else elapsed
+        progress.train_seconds = self._seconds0 + elapsed
         self.fitted_now = False
         if self.seconds is None:
             return total_steps
@@ -114,14 +124,32 @@ class TimeBudget:
             return progress.step  # time is up: this step is the last
         done = progress.step - self._steps0
         if done == self.SKIP:
-            self._t_skip = now
+            self._elapsed_skip = elapsed
         if self.fixed or done < self.CALIBRATION:
             return total_steps
-        left = int(
-            (self.seconds - progress.train_seconds) * (done - self.SKIP) / (now - self._t_skip)
-        )
+        rate = (done - self.SKIP) / (elapsed - self._elapsed_skip)  # steps per second
+        left = int((self.seconds - progress.train_seconds) * rate)
         self.fixed = self.fitted_now = progress.step >= self.warmup_steps
         return max(progress.step + 1, min(self.cap, progress.step + left))
+
+
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")
+
+
+def build_optimizer(model: nn.Module, cfg, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over ``model``'s parameters; the fused kernel where PyTorch has one.
+
+    Fused AdamW does the whole update in one kernel instead of a chain of foreach ops (on the
+    quick recipe's CPU step: ~1 ms instead of ~4.5). Its state dict is the plain AdamW one, so
+    checkpoints move freely between fused and unfused runs.
+    """
+    return torch.optim.AdamW(
+        model.parameters(),
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        fused=device.type in FUSED_ADAMW_DEVICES,
+    )
 
 
 def lr_at(step: int, total_steps: int, cfg) -> float:
@@ -207,12 +235,7 @@ def train(
         f"{cfg.model.type}: {sum(p.numel() for p in backbone.parameters()) / 1e6:.2f}M "
         f"parameters; {len(data.train_y)} training / {len(data.val_y)} validation images"
     )
-    optimizer = torch.optim.AdamW(
-        backbone.parameters(),
-        lr=cfg.train.lr,
-        weight_decay=cfg.train.weight_decay,
-        betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
-    )
+    optimizer = build_optimizer(backbone, cfg.train, device)
     ema = (
         EMA(
             backbone,
@@ -318,7 +341,9 @@ def train(
                 b_sum, b_cnt = loss_by_time_bin(t, losses)
                 window["bins"] += b_sum
                 window["counts"] += b_cnt
-            step_loss, signum = distributed.agree_step(step_loss, stop.signum, ctx)
+            step_loss, signum, elapsed = distributed.agree_step(
+                step_loss, stop.signum, budget.elapsed(), ctx
+            )
 
             if not math.isfinite(step_loss):
                 progress.skipped_steps += 1
@@ -369,7 +394,7 @@ def train(
                     window["counts"].zero_()
 
             # ---- wall-clock budget: fit the schedule length, then stop on time
-            new_total = budget.update(progress, total_steps)
+            new_total = budget.update(progress, total_steps, elapsed)
             if budget.fitted_now:
                 log(f"time budget: {new_total} steps fit in {cfg.train.time_budget_minutes:g} min")
             if new_total != total_steps:
