@@ -1,11 +1,13 @@
 """Every sampler x schedule x objective through the sampling pipeline on a smoke-sized model."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from conftest import ROOT
 from mnistdiff.build import build_denoiser
-from mnistdiff.config import load_config
+from mnistdiff.config import ConfigError, load_config
 from mnistdiff.data import DataSpec
 from mnistdiff.sample import SampleOptions, generate, label_tensor
 from mnistdiff.samplers import SAMPLERS, nfe_for
@@ -67,3 +69,18 @@ def test_guidance_changes_samples_and_w1_is_conditional(model_type):
         batch_size=2,
     )
     assert not torch.allclose(runs[1.0], other.x)  # labels matter
+
+
+def test_config_grid_reaches_the_sampler():
+    cfg = load_config(None, ["sample.grid=uniform", "sample.sampler=dpmpp_2m", "sample.steps=4"])
+    opts = SampleOptions.from_config(cfg.sample, guidance=1.0)
+    assert (opts.grid, opts.sampler, opts.steps, opts.guidance) == ("uniform", "dpmpp_2m", 4, 1.0)
+    assert SampleOptions.from_config(load_config(None).sample).grid is None  # sampler's own
+    den = _denoiser("flow", "velocity")
+    labels = torch.tensor([3, 8])
+    run = {g: generate(den, labels, 2, replace(opts, grid=g), seed=5).x for g in ("logsnr", None)}
+    uniform = generate(den, labels, 2, opts, seed=5).x
+    assert torch.equal(run[None], run["logsnr"])  # dpmpp_2m's default grid
+    assert not torch.allclose(uniform, run["logsnr"])
+    with pytest.raises(ConfigError, match=r"sample.grid: 'cosine' is not allowed.*uniform"):
+        load_config(None, ["sample.grid=cosine"])

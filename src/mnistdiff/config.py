@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from .atomic import atomic_write_text
+from .schedules import GRID_KINDS
 
 
 class ConfigError(ValueError):
@@ -150,6 +151,7 @@ class SampleConfig:
     steps: int = _opt(10, lo=1, hi=100000, help="dpmpp_2m at 10 NFE: best FD in the README sweep")
     guidance: float = _opt(2.0, lo=0.0, hi=100.0, help="u + w(c - u); 1 = plain conditional")
     eta: float = _opt(0.0, lo=0.0, hi=1.0)
+    grid: str | None = _opt(None, choices=GRID_KINDS, help="time grid; null: the sampler's own")
     threshold: str = _opt(
         "clip", choices=("none", "clip", "dynamic"), help="x0 refinement while sampling"
     )

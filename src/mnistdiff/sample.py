@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from .build import build_denoiser, crop_to, original_size, seed_for
 from .checkpoint import load_checkpoint, read_export, resolve
-from .config import Config, from_dict
+from .config import Config, SampleConfig, from_dict
 from .data import DataSpec, from_model_range
 from .device import Precision, select_device, select_precision
 from .distributed import DistContext, batch_shares, gather_rows, share_rows
@@ -50,6 +50,19 @@ class SampleOptions:
     threshold: str = "clip"
     guidance_rescale: float = 0.0
     guidance_interval: tuple[float, float] | None = None
+
+    @classmethod
+    def from_config(cls, cfg: SampleConfig, **overrides) -> SampleOptions:
+        """The options a config's ``sample`` section describes; keyword overrides win."""
+        base = {
+            "sampler": cfg.sampler,
+            "steps": cfg.steps,
+            "guidance": cfg.guidance,
+            "eta": cfg.eta,
+            "grid": cfg.grid,
+            "threshold": cfg.threshold,
+        }
+        return cls(**{**base, **overrides})
 
 
 @dataclass(frozen=True)
@@ -273,18 +286,10 @@ class Pipeline:
         ``nfe=K`` picks the steps that give K network evaluations for the chosen sampler.
         """
         nfe = overrides.pop("nfe", None)
-        s = self.cfg.sample
-        base = {
-            "sampler": s.sampler,
-            "steps": s.steps,
-            "guidance": s.guidance,
-            "eta": s.eta,
-            "threshold": s.threshold,
-        }
-        base.update({k: v for k, v in overrides.items() if v is not None})
+        chosen = {k: v for k, v in overrides.items() if v is not None}
         if nfe is not None:
-            base["steps"] = steps_for_nfe(base["sampler"], nfe)
-        return SampleOptions(**base)
+            chosen["steps"] = steps_for_nfe(chosen.get("sampler", self.cfg.sample.sampler), nfe)
+        return SampleOptions.from_config(self.cfg.sample, **chosen)
 
     def generate(
         self,

@@ -573,9 +573,7 @@ def _sample_ema(cfg, denoiser, ema, data: TrainData, precision, num: int, per_cl
     if cfg.model.conditional:
         labels = label_tensor(per_class=per_class, num_classes=data.spec.num_classes)[:num]
     s = cfg.sample
-    opts = SampleOptions(
-        sampler=s.sampler, steps=s.steps, guidance=s.guidance, eta=s.eta, threshold=s.threshold
-    )
+    opts = SampleOptions.from_config(s)
     out = generate(
         model,
         labels,
