@@ -249,8 +249,9 @@ def test_in_training_evaluation_and_best_by_fd(smoke_cfg):
     assert state["best_value"] == min(r["fd_mnist"] for r in evals)
 
 
-def test_time_budget_refits_until_warmup_ends(monkeypatch):
-    """Fake clock: 5 slow start-up steps (10 s) then 1 s/step, 200 s budget, warmup 50."""
+def test_time_budget_refits_every_step(monkeypatch):
+    """Fake clock: 5 slow start-up steps (10 s), 1 s/step, then from step 80 on 2 s/step
+    (the machine got busy); 200 s budget, warmup 50."""
     import mnistdiff.train as tr
 
     clock = [0.0]
@@ -259,12 +260,20 @@ def test_time_budget_refits_until_warmup_ends(monkeypatch):
     progress = tr.Progress()
     budget.start(progress)
     total, fitted = 10_000, []
-    for step in range(1, 80):
-        clock[0] += 10.0 if step <= 5 else 1.0
+    for step in range(1, 1000):
+        clock[0] += 10.0 if step <= 5 else (1.0 if step < 80 else 2.0)
         progress.step = step
         total = budget.update(progress, total)
         fitted.append((step, total, budget.fitted_now))
+        if total == step:
+            break
     # start-up steps do not count: 1 s/step from step 5 on, so 200 - 50 - (s - 5) s are left
     assert fitted[19][:2] == (20, 20 + 200 - 50 - 15)  # first estimate at CALIBRATION steps
-    assert all(t == 155 for s, t, _ in fitted if s >= 20)  # the exact rate: 155 steps in total
-    assert [s for s, _, now in fitted if now] == [50]  # fixed (and announced) once, at warmup end
+    assert all(t == 155 for s, t, _ in fitted if 20 <= s < 80)  # the exact rate: 155 in total
+    assert [s for s, _, now in fitted if now] == [50]  # announced once, at warmup end
+    # the slowdown shrinks the estimate step by step, towards the true end (step 117)
+    last = fitted[-1][0]
+    assert last == 5 + 74 + 38 == 117 and clock[0] >= 200
+    later = [t for s, t, _ in fitted if 80 <= s < last]
+    assert later == sorted(later, reverse=True) and later[0] < 155
+    assert later[-1] - last <= 0.1 * last
