@@ -7,7 +7,14 @@ import torch
 
 import mnistdiff.train as train_mod
 from mnistdiff.checkpoint import load_checkpoint
-from mnistdiff.train import TrainingError, TrainingInterrupted, build_optimizer, lr_at, train
+from mnistdiff.train import (
+    TrainingError,
+    TrainingInterrupted,
+    build_optimizer,
+    load_optimizer_state,
+    lr_at,
+    train,
+)
 
 
 def _quiet(*args, **kwargs):
@@ -188,7 +195,12 @@ def test_fused_optimizer_matches_unfused_and_shares_state():
     for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
         assert not torch.equal(a, torch.zeros_like(a))
-    plain.load_state_dict(fused.state_dict())  # checkpoints move between the two
+    # checkpoints move between the two, and each keeps its own kernel choice
+    load_optimizer_state(plain, fused.state_dict())
+    assert not plain.param_groups[0]["fused"]
+    torch.testing.assert_close(plain.state_dict()["state"], fused.state_dict()["state"])
+    load_optimizer_state(fused, plain.state_dict())
+    assert fused.param_groups[0]["fused"]
 
 
 def test_time_budget_fits_schedule_and_stops(smoke_cfg):

@@ -141,8 +141,8 @@ def build_optimizer(model: nn.Module, cfg, device: torch.device) -> torch.optim.
     """AdamW over ``model``'s parameters; the fused kernel where PyTorch has one.
 
     Fused AdamW does the whole update in one kernel instead of a chain of foreach ops (on the
-    quick recipe's CPU step: ~1 ms instead of ~4.5). Its state dict is the plain AdamW one, so
-    checkpoints move freely between fused and unfused runs.
+    quick recipe's CPU step: ~1 ms instead of ~4.5). Its moments are the plain AdamW ones;
+    :func:`load_optimizer_state` keeps this device's choice when a checkpoint is resumed.
     """
     return torch.optim.AdamW(
         model.parameters(),
@@ -151,6 +151,19 @@ def build_optimizer(model: nn.Module, cfg, device: torch.device) -> torch.optim.
         betas=(cfg.adam_beta1, cfg.adam_beta2),
         fused=device.type in FUSED_ADAMW_DEVICES,
     )
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a saved optimizer state, keeping this optimizer's own ``fused`` setting.
+
+    ``load_state_dict`` would copy the flag of the device that wrote the checkpoint (a CPU
+    run's ``fused=True`` onto a device without the kernel, an older run's unfused setting onto
+    a CPU).
+    """
+    fused = [group.get("fused") for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, flag in zip(optimizer.param_groups, fused, strict=True):
+        group["fused"] = flag
 
 
 def lr_at(step: int, total_steps: int, cfg) -> float:
@@ -702,7 +715,7 @@ def _restore(
     for key, a, b in changes:
         log(f"resume: {key} changed {a!r} -> {b!r}")
     backbone.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    load_optimizer_state(optimizer, state["optimizer"])
     if ema is not None:
         if state.get("ema") is not None:
             ema.load_state_dict(state["ema"])
