@@ -214,6 +214,12 @@ def cmd_evaluate(args) -> int:
     return run_evaluate_cli(args)
 
 
+def cmd_visualize(args) -> int:
+    from .visualize import run_visualize_cli
+
+    return run_visualize_cli(args)
+
+
 def cmd_train_evaluator(args) -> int:
     from .evaluator import train_evaluator
 
@@ -286,6 +292,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_evaluate_args(p, _add_sampling_args)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("visualize", help="figures: forward, schedules, trajectory, guidance, nfe")
+    from .visualize import add_visualize_args
+
+    add_visualize_args(p)
+    p.set_defaults(func=cmd_visualize)
 
     p = sub.add_parser("train-evaluator", help="train the MNIST feature network for metrics")
     p.add_argument("--out", required=True, help="output directory")
