@@ -87,7 +87,8 @@ def _check_times(times: Sequence[float]) -> list[float]:
 def _fmt_lambda(lam: float) -> str:
     if math.isinf(lam):
         return "λ=+∞" if lam > 0 else "λ=−∞"
-    return f"λ={lam:.1f}"
+    text = f"{lam:.1f}"
+    return "λ=" + ("0.0" if text == "-0.0" else text.replace("-", "−"))
 
 
 # --------------------------------------------------------------------------- forward process
@@ -346,8 +347,15 @@ def _labels(pipe: Pipeline, digits: Sequence[int] | None) -> list[int] | None:
     return list(range(pipe.spec.num_classes)) if digits is None else [int(d) for d in digits]
 
 
-def _rows_figure(rows: list[np.ndarray], names: list[str], title: str) -> Figure:
-    """Stacked image strips (uint8 grids), one labelled row each."""
+def _rows_figure(
+    rows: list[np.ndarray],
+    names: list[str],
+    title: str,
+    columns: Sequence[str] | None = None,
+    padding: int = 2,
+) -> Figure:
+    """Stacked image strips (uint8 grids of one row, ``padding`` pixels apart), one labelled
+    row each; ``columns`` labels the cells under the last strip."""
     plt = _pyplot()
     h, w = rows[0].shape
     width = min(12.0, 0.04 * w + 1.5)
@@ -358,6 +366,11 @@ def _rows_figure(rows: list[np.ndarray], names: list[str], title: str) -> Figure
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=9)
+    if columns:
+        cell = (w - padding) / len(columns)
+        axes[-1].set_xticks([padding + (i + 0.5) * cell - padding / 2 for i in range(len(columns))])
+        axes[-1].set_xticklabels(columns, fontsize=8)
+        axes[-1].tick_params(length=0)
     fig.suptitle(title)
     fig.tight_layout()
     return fig
@@ -400,7 +413,7 @@ def guidance_figure(
     names = [f"w = {w:g}" for w in samples]
     opts = pipe.default_options(**options)
     title = f"classifier-free guidance ({opts.sampler}, {opts.steps} steps, seed {seed})"
-    return _rows_figure(rows, names, title)
+    return _rows_figure(rows, names, title, [str(d) for d in _labels(pipe, digits)])
 
 
 def nfe_samples(
@@ -482,7 +495,9 @@ def nfe_figure(
         acc = "" if r["class_accuracy"] is None else f"\nacc {100 * r['class_accuracy']:.0f}%"
         names.append(f"NFE {r['nfe']}{acc}")
     opts = pipe.default_options(**options)
-    return _rows_figure(rows, names, f"quality against NFE ({opts.sampler}, seed {seed})")
+    labels = _labels(pipe, digits)
+    columns = None if labels is None else [str(d) for d in labels]
+    return _rows_figure(rows, names, f"quality against NFE ({opts.sampler}, seed {seed})", columns)
 
 
 # --------------------------------------------------------------------------- CLI
