@@ -258,7 +258,8 @@ def trajectory(
 
     Args:
         pipe: a loaded model (:meth:`mnistdiff.sample.Pipeline.load`).
-        digit: class to sample (ignored, use None, for an unconditional model).
+        digit: class to sample; None samples with the null label (unconditionally).
+            Ignored by an unconditional model.
         seed: sampling seed.
         **options: sampling options (``sampler``, ``steps``, ``nfe``, ``guidance``, ...).
     """
@@ -497,7 +498,10 @@ def nfe_figure(
     opts = pipe.default_options(**options)
     labels = _labels(pipe, digits)
     columns = None if labels is None else [str(d) for d in labels]
-    return _rows_figure(rows, names, f"quality against NFE ({opts.sampler}, seed {seed})", columns)
+    title = f"quality against NFE ({opts.sampler}, seed {seed})"
+    if records[0]["class_accuracy"] is not None:
+        title += f"; evaluator class accuracy on {accuracy_per_class} per class"
+    return _rows_figure(rows, names, title, columns)
 
 
 # --------------------------------------------------------------------------- CLI
