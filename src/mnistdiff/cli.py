@@ -113,13 +113,17 @@ def cmd_train(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    """Under torchrun every rank samples its share of the batches; rank 0 writes the files."""
-    import torch
+    """Under torchrun every rank samples its share of the batches; rank 0 writes the files.
 
+    Images stream to ``--save-npz`` batch by batch (:func:`mnistdiff.streaming.sample_to_file`);
+    the grid shows at most ``GRID_MAX_IMAGES`` of them.
+    """
     from .distributed import setup
     from .images import make_grid, save_gif, save_grid
-    from .sample import Pipeline, label_tensor, sample_across_ranks
+    from .sample import Pipeline, label_tensor
+    from .streaming import grid_rows, sample_to_file
 
+    _check_sample_outputs(args)
     ctx = setup(args.device or "auto")
     device = str(ctx.device) if ctx.is_distributed else (args.device or "auto")
     pipe = Pipeline.load(args.checkpoint, device=device, use_ema=not args.no_ema)
@@ -134,17 +138,20 @@ def cmd_sample(args) -> int:
         labels = label_tensor(digits, num=args.num, num_classes=n_cls)
         num = len(labels)
         nrow = num // len(set(labels.tolist())) if digits else max(1, num // n_cls)
+    keep, nrow = grid_rows(labels, num, nrow)
     frames, shown = [], [num]  # the trajectory is batch 0's (all images if they fit one batch)
 
     def keep_frames(i, x_t, x0_hat):
         shown[0] = len(x_t)
         frames.append(make_grid(pipe.to_uint8(x_t.clamp(-1, 1)), nrow=nrow))
 
-    images, nfe = sample_across_ranks(
+    result = sample_to_file(
         pipe,
         labels,
         num,
         ctx,
+        npz=args.save_npz,
+        keep=keep,
         seed=args.seed,
         batch_size=args.batch_size,
         progress=True,
@@ -159,28 +166,40 @@ def cmd_sample(args) -> int:
         guidance_rescale=args.guidance_rescale,
         guidance_interval=args.guidance_interval,
     )
-    if not ctx.is_main:
+    if result is None:  # not rank 0
         return 0
+    images, nfe = result.preview, result.nfe
     save_grid(images, args.out, nrow=nrow, scale=2)
+    shown_note = "" if len(images) == num else f", {len(images)} shown"
     print(
-        f"wrote {args.out} ({num} images, sampler {args.sampler or pipe.cfg.sample.sampler}, "
-        f"NFE {nfe} per image)"
+        f"wrote {args.out} ({num} images{shown_note}, sampler "
+        f"{args.sampler or pipe.cfg.sample.sampler}, NFE {nfe} per image)"
     )
     if args.save_npz:
-        from .sample import save_npz
-
-        no_labels = torch.full((num,), -1)
-        save_npz(args.save_npz, images, labels if labels is not None else no_labels)
         print(f"wrote {args.save_npz}")
     if args.gif:
-        frames.append(make_grid(images[: shown[0]], nrow=nrow))
+        frames.append(make_grid(result.first[: shown[0]], nrow=nrow))
         save_gif(frames, args.gif, scale=2)
         print(f"wrote {args.gif} ({len(frames)} frames)")
     return 0
 
 
+def _check_sample_outputs(args) -> None:
+    """Refuse unusable ``--out`` / ``--save-npz`` / ``--gif`` paths before loading or sampling."""
+    from .outputs import check_output_file
+
+    check_output_file(args.out, "--out", ".png")
+    if args.save_npz:
+        check_output_file(args.save_npz, "--save-npz", ".npz")
+    if args.gif:
+        check_output_file(args.gif, "--gif", ".gif")
+
+
 def cmd_export(args) -> int:
     from .checkpoint import export_checkpoint
+    from .outputs import check_output_dir
+
+    check_output_dir(args.out, "--out")
 
     out = export_checkpoint(args.checkpoint, args.out)
     print(f"wrote {out}/config.json and {out}/model.safetensors")

@@ -237,8 +237,14 @@ def resolve_data_dir(
 def _locate(root: Path, spec: IdxFile) -> Path | None:
     """Return the file for ``spec`` in ``root``, preferring the ``.gz`` name, else None."""
     for name in (spec.gz_name, spec.name):
-        if (root / name).is_file():
-            return root / name
+        try:
+            if (root / name).is_file():
+                return root / name
+        except PermissionError as err:  # e.g. a folder without read/search permission
+            raise DataError(
+                f"{root}: cannot read the data folder ({err.strerror}); make it readable "
+                "(chmod u+rx) or point --data-dir elsewhere"
+            ) from None
     return None
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import zipfile
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -249,7 +250,7 @@ def _load_cached(path: Path, key: str) -> dict | None:
             if str(z["key"]) != key:
                 return None
             return {name: z[name] for name in z.files} | {"key": key}
-    except (OSError, KeyError, ValueError):
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):  # truncated, corrupt
         return None
 
 

@@ -360,24 +360,66 @@ def save_npz(path: str | Path, images: Tensor, labels: Tensor) -> Path:
     return Path(path)
 
 
-def load_npz(path: str | Path) -> tuple[Tensor, Tensor | None]:
-    """Read an ``.npz`` of samples; labels are None when absent or all -1."""
+SAMPLES_FORM = (
+    "an .npz (numpy.savez, as written by `sample --save-npz`) holding 'images': uint8 "
+    "[N, 28, 28] or [N, 1, 28, 28] and optionally 'labels': integer [N] (class ids, -1 = none)"
+)
+
+
+def load_npz(path: str | Path, size: int = 28) -> tuple[Tensor, Tensor | None]:
+    """Read an ``.npz`` of samples; labels are None when absent or all -1.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is not an ``.npz`` or its arrays are not of :data:`SAMPLES_FORM`.
+    """
+    import zipfile
+
     import numpy as np
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"samples file not found: {path}")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path}: not an .npz file; expected {SAMPLES_FORM}")
     try:
         with np.load(path) as f:
             images = f["images"]
             labels = f["labels"] if "labels" in f.files else None
-    except (OSError, ValueError, KeyError) as exc:
-        raise ValueError(f"{path}: not a samples .npz with an 'images' array ({exc})") from None
-    if images.dtype != np.uint8 or images.ndim not in (3, 4):
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
         raise ValueError(
-            f"{path}: 'images' must be uint8 [N, H, W], got {images.dtype} {images.shape}"
-        )
-    if images.ndim == 4:
-        images = images[:, 0]
-    lab = None if labels is None or (labels < 0).all() else torch.from_numpy(labels).long()
+            f"{path}: unreadable samples file ({exc}); expected {SAMPLES_FORM}"
+        ) from None
+    images = _check_sample_images(path, images, size)
+    lab = None if labels is None else _check_sample_labels(path, labels, len(images))
+    if lab is not None and (lab < 0).all():
+        lab = None
     return torch.from_numpy(images), lab
+
+
+def _check_sample_images(path: Path, images, size: int):
+    import numpy as np
+
+    shape_ok = images.ndim == 3 or (images.ndim == 4 and images.shape[1] == 1)
+    if images.dtype != np.uint8 or not shape_ok or images.shape[-2:] != (size, size):
+        raise ValueError(
+            f"{path}: 'images' is {images.dtype} {list(images.shape)}; "
+            f"'images' must be uint8 [N, {size}, {size}] or [N, 1, {size}, {size}]"
+        )
+    if len(images) == 0:
+        raise ValueError(f"{path}: 'images' holds no images (N = 0)")
+    return images[:, 0] if images.ndim == 4 else images
+
+
+def _check_sample_labels(path: Path, labels, n: int) -> Tensor:
+    import numpy as np
+
+    if labels.dtype.kind not in "iu" or labels.shape != (n,):
+        raise ValueError(
+            f"{path}: 'labels' is {labels.dtype} {list(labels.shape)}; 'labels' must be "
+            f"integer [{n}] (class ids, -1 = none), one per image"
+        )
+    lab = torch.from_numpy(labels.astype(np.int64))
+    if (lab < -1).any():
+        raise ValueError(f"{path}: 'labels' has values below -1 ({int(lab.min())})")
+    return lab
