@@ -5,6 +5,7 @@ Each test here failed before its fix.
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -105,6 +106,26 @@ def test_sample_to_file_equals_in_memory_sampling_one_batch_at_a_time(pipe, tmp_
         assert np.array_equal(f["labels"], labels.numpy())
     assert torch.equal(result.preview, expected[keep])
     assert torch.equal(result.first, expected[:4]) and result.nfe == 2
+
+
+def test_sigterm_while_streaming_leaves_no_file(pipe, tmp_path):
+    generate, calls = pipe.generate, []
+
+    def killed_on_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return generate(*args, **kwargs)
+
+    before = signal.getsignal(signal.SIGTERM)
+    pipe.generate = killed_on_second_batch
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            sample_to_file(pipe, None, 4, current_context(), npz=tmp_path / "s.npz", batch_size=1)
+    finally:
+        del pipe.generate
+    assert list(tmp_path.iterdir()) == [] and len(calls) == 2
+    assert signal.getsignal(signal.SIGTERM) is before  # restored
 
 
 def test_time_estimate_is_printed_for_long_requests(pipe, monkeypatch):

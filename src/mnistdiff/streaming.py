@@ -5,14 +5,18 @@ and batch size (batch ``b`` is seeded by ``(seed, b)``), but holds one batch per
 time: each is written to an ``.npz`` as it arrives (:class:`NpzStream`, an uncompressed zip of
 ``.npy`` members, the layout of ``numpy.savez``), and only the few images a preview grid shows
 are kept. Before any work the free disk space is checked against the file's size; after the
-first batch the total time is estimated and, if long, printed.
+first batch the total time is estimated and, if long, printed. An interruption (Ctrl-C or
+SIGTERM) leaves no partial file behind.
 """
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -201,7 +205,7 @@ def sample_to_file(
     stream = NpzStream(npz, file_labels, shape) if npz is not None and ctx.is_main else None
     kept, first_batch, nfe, t0 = [], None, 0, time.perf_counter()
     bar = tqdm(total=num, desc="sampling", disable=not (progress and ctx.is_main), leave=False)
-    with stream or _Nothing():
+    with _sigterm_as_interrupt(), stream or _Nothing():
         for head in range(0, total, ctx.world_size):  # head: first batch of this round
             rounds = _round(head, ctx.world_size, total)
             counts = [_rows(r, num, size) for r in rounds]
@@ -233,6 +237,23 @@ def sample_to_file(
     preview = torch.cat(kept) if kept else empty
     first_batch = empty if first_batch is None else first_batch
     return StreamResult(preview, first_batch, nfe, seconds=time.perf_counter() - t0)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt meanwhile, so an unfinished ``.npz`` temp is removed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 class _Nothing:
