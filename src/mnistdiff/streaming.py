@@ -205,7 +205,7 @@ def sample_to_file(
     stream = NpzStream(npz, file_labels, shape) if npz is not None and ctx.is_main else None
     kept, first_batch, nfe, t0 = [], None, 0, time.perf_counter()
     bar = tqdm(total=num, desc="sampling", disable=not (progress and ctx.is_main), leave=False)
-    with _sigterm_as_interrupt(), stream or _Nothing():
+    with _sigterm_as_interrupt(), stream or contextlib.nullcontext():
         for head in range(0, total, ctx.world_size):  # head: first batch of this round
             rounds = _round(head, ctx.world_size, total)
             counts = [_rows(r, num, size) for r in rounds]
@@ -254,14 +254,6 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, old)
-
-
-class _Nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc) -> None:
-        return None
 
 
 def _image_shape(pipe: Pipeline) -> tuple[int, ...]:
