@@ -323,10 +323,14 @@ def test_registry_and_errors():
         get_sampler("plms")
     schedule = build_schedule("linear", 1000)
     den, x = gaussian_denoiser(schedule), torch.zeros(2, *SHAPE)
-    with pytest.raises(ValueError, match="end with 0.0"):
-        ddim(den, x, schedule, torch.tensor([1.0, 0.5], dtype=F64))
+    with pytest.raises(ValueError, match="lie in"):
+        ddim(den, x, schedule, torch.tensor([1.5, 0.5], dtype=F64))
     with pytest.raises(ValueError, match="strictly descending"):
         ddim(den, x, schedule, torch.tensor([0.5, 1.0, 0.0], dtype=F64))
+    with pytest.raises(ValueError, match="start above t = 0"):
+        ddim(den, x, schedule, torch.tensor([0.0, 0.5, 1.0], dtype=F64))
+    with pytest.raises(ValueError, match="ascending grid"):
+        ddim(den, x, schedule, torch.tensor([0.1, 0.5, 1.0], dtype=F64), eta=0.5)
     with pytest.raises(ValueError, match="eta must be in"):
         ddim(den, x, schedule, time_grid(schedule, "uniform", 3), eta=1.5)
     with pytest.raises(ValueError, match="s_churn >= 0"):

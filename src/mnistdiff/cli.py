@@ -324,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_train_evaluator)
+    from .edit.cli import add_commands as add_edit_commands
+
+    add_edit_commands(sub)  # edit <method>, compose
     return parser
 
 

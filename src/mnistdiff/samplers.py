@@ -8,7 +8,11 @@ Every sampler has the signature
   finite because ``sigma > 0`` for ``t > 0`` (also for flow at ``t = 1``, where ``alpha = 0``).
 - ``x`` is the starting sample at ``ts[0]`` (see :func:`initial_sample`); ``ts`` is a descending
   float64 grid ending in 0.0, e.g. from :func:`mnistdiff.schedules.time_grid`. The last step
-  (to ``t = 0``) returns the clean ``x0_hat``.
+  (to ``t = 0``) returns the clean ``x0_hat``. Editing (``mnistdiff.edit``) also runs the
+  samplers on parts of a grid: a descending grid may start at any ``t <= 1`` and end at any
+  ``t >= 0`` (SDEdit, RePaint's step-by-step loop), and the deterministic samplers (``ddim``
+  with ``eta = 0``, ``euler``, ``heun``) integrate the probability-flow ODE forward on a
+  strictly ascending grid that starts above 0 (inversion).
 - ``callback(i, x, x0_hat)`` is called once per step ``i`` with the state after the step (at
   ``ts[i + 1]``; the final call gets the result) and the step's (first) ``x0_hat``.
 - Randomness comes only from ``generator`` (None means torch's default generator).
@@ -66,13 +70,17 @@ class _Grid:
 
 
 def _check_grid(ts: Tensor) -> None:
+    """Strictly monotone times in [0, 1]; an ascending grid (inversion) must start above 0."""
     if ts.ndim != 1 or ts.numel() < 2:
         shape = tuple(ts.shape)
         raise ValueError(f"ts must be a 1-D grid with at least 2 entries, got shape {shape}")
-    if not bool((ts[1:] < ts[:-1]).all()):
-        raise ValueError("ts must be strictly descending")
-    if float(ts[-1]) != 0.0 or float(ts[0]) > 1.0:
-        raise ValueError(f"ts must lie in [0, 1] and end with 0.0, got {ts[0]:.6g} .. {ts[-1]:.6g}")
+    ascending = bool((ts[1:] > ts[:-1]).all())
+    if not (ascending or bool((ts[1:] < ts[:-1]).all())):
+        raise ValueError("ts must be strictly descending (sampling) or ascending (inversion)")
+    if float(ts.min()) < 0.0 or float(ts.max()) > 1.0:
+        raise ValueError(f"ts must lie in [0, 1], got {ts[0]:.6g} .. {ts[-1]:.6g}")
+    if ascending and float(ts[0]) == 0.0:
+        raise ValueError("an ascending grid must start above t = 0 (the model is not run at 0)")
 
 
 def _noise_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -144,12 +152,13 @@ def ddim(
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must be in [0, 1], got {eta!r}")
     f, g = _Counted(denoise), _Grid(schedule, ts)
+    if eta > 0.0 and g.t[1] > g.t[0]:
+        raise ValueError("ddim with eta > 0 cannot run on an ascending grid; use eta = 0")
     for i in range(g.steps):
         x0 = f(x, g.t[i])
         a_t, s_t, a_s, s_s = g.alpha[i], g.sigma[i], g.alpha[i + 1], g.sigma[i + 1]
         eps = (x - a_t * x0) / s_t
-        r = _posterior_ratio(g, i)
-        c = eta * s_s * math.sqrt(1.0 - r * r)
+        c = 0.0 if eta == 0.0 else eta * s_s * math.sqrt(1.0 - _posterior_ratio(g, i) ** 2)
         x = a_s * x0 + math.sqrt(max(s_s * s_s - c * c, 0.0)) * eps
         if c > 0.0:
             x = x + c * _noise_like(x, generator)
@@ -189,6 +198,8 @@ def _karras(
         x0 = f(xt * a_hat, t_hat)
         if s_s == 0.0:  # last step to t = 0: the Euler step lands exactly on x0_hat
             x = x0
+        elif a_s == 0.0:  # ascending to alpha = 0 (flow at t = 1): Euler step in eps form
+            x = s_s * (xt - x0) / st_hat
         else:
             d = (xt - x0) / st_hat
             st_next = s_s / a_s

@@ -1,0 +1,465 @@
+"""Editing (mnistdiff.edit): maths on Gaussian toys, behaviour on tiny untrained models of every
+kind, bad input, and the CLI end to end on a model trained from configs/smoke.yaml."""
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT
+from mnistdiff import edit
+from mnistdiff.build import build_denoiser, data_spec
+from mnistdiff.checkpoint import write_export
+from mnistdiff.cli import main
+from mnistdiff.config import load_config, to_dict
+from mnistdiff.data import DataSpec
+from mnistdiff.device import select_precision
+from mnistdiff.edit.core import full_grid, run_sampler, run_steps, truncate_grid
+from mnistdiff.edit.interpolate import mixed_label_embedding
+from mnistdiff.sample import Pipeline
+from mnistdiff.samplers import get_sampler
+from mnistdiff.schedules import build_schedule, time_grid
+
+MU, S = 0.2, 0.5  # Gaussian toy data N(MU, S^2) per pixel
+
+
+def gaussian_denoiser(schedule):
+    """The exact x0_hat = E[x0 | x_t] for data N(MU, S^2 I)."""
+
+    def denoise(x, t):
+        a, s = (v.view(-1, 1, 1, 1).to(x.dtype) for v in schedule.alpha_sigma(t.double()))
+        return MU + S * S * a * (x - a * MU) / (a * a * S * S + s * s)
+
+    return denoise
+
+
+def exact_latent(schedule, x0, t):
+    """The probability-flow ODE keeps the z-score: x_t = a MU + sqrt(a^2 S^2 + s^2) (x0 - MU)/S."""
+    a, s = (float(v) for v in schedule.alpha_sigma(torch.tensor(t, dtype=torch.float64)))
+    return a * MU + math.sqrt(a * a * S * S + s * s) * (x0 - MU) / S
+
+
+def tiny_pipe(*overrides, seed=0):
+    """An untrained tiny model of the smoke config (with overrides) as a Pipeline."""
+    cfg = load_config(ROOT / "configs" / "smoke.yaml", list(overrides))
+    spec = data_spec(cfg.data, DataSpec())
+    torch.manual_seed(seed)
+    denoiser = build_denoiser(cfg, spec).eval()
+    cpu = torch.device("cpu")
+    return Pipeline(cfg, spec, denoiser, cpu, select_precision("fp32", cpu), Path("."))
+
+
+def digits(n=3, seed=0):
+    """Random MNIST-like uint8 images: a bright blob on black."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.zeros(n, 28, 28, dtype=torch.uint8)
+    for i in range(n):
+        r, c = torch.randint(6, 16, (2,), generator=g).tolist()
+        x[i, r : r + 10, c : c + 6] = torch.randint(100, 256, (10, 6), generator=g).to(torch.uint8)
+    return x
+
+
+KINDS = {
+    "unet-cosine-eps": [],
+    "unet-flow-velocity": ["diffusion.schedule=flow", "diffusion.prediction=velocity"],
+    "unet-linear-v-pad32": [
+        "diffusion.prediction=v",
+        "diffusion.schedule=linear",
+        "data.pad_to_32=true",
+    ],
+    "dit-sigmoid-x0": ["model.type=dit", "diffusion.schedule=sigmoid", "diffusion.prediction=x0"],
+    "unet-uncond": ["model.conditional=false"],
+}
+
+
+# --------------------------------------------------------------------------- maths
+
+
+@pytest.mark.parametrize(("sampler", "order"), [("ddim", 1), ("euler", 1), ("heun", 2)])
+@pytest.mark.parametrize("schedule_name", ["linear", "flow"])
+def test_inversion_of_exact_denoiser_converges_at_solver_order(sampler, order, schedule_name):
+    schedule = build_schedule(schedule_name, 1000)
+    x0 = MU + S * torch.randn(32, 1, 4, 4, generator=torch.Generator().manual_seed(0)).double()
+    den = gaussian_denoiser(schedule)
+    errors = []
+    for n in (20, 40, 80):
+        ts = time_grid(schedule, "karras", n)
+        z, nfe = edit.invert_x(den, x0, schedule, ts, sampler)
+        assert nfe == get_sampler(sampler).nfe(n)  # as many evaluations as decoding
+        errors.append(float((z - exact_latent(schedule, x0, float(ts[0]))).abs().max()))
+        back = get_sampler(sampler).fn(den, z, schedule, ts).x  # decode: round trip
+        assert float((back - x0).abs().max()) < 4 * errors[-1]
+    rates = [math.log2(errors[i] / errors[i + 1]) for i in range(2)]
+    assert all(0.85 * order < r < 1.2 * order for r in rates), (errors, rates)
+
+
+def test_stepwise_driver_equals_one_run_for_one_step_samplers():
+    schedule = build_schedule("cosine", 1000)
+    den = gaussian_denoiser(schedule)
+    x = torch.randn(4, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    for name in ("ddim", "ddpm", "heun"):
+        ts = full_grid(schedule, name, 7)
+        full = run_sampler(name, den, x, schedule, ts, gen=torch.Generator().manual_seed(2))
+        steps = run_steps(name, den, x, schedule, ts, gen=torch.Generator().manual_seed(2))
+        assert torch.equal(full.x, steps.x) and full.nfe == steps.nfe
+
+
+def test_truncated_grid_starts_at_strength_and_keeps_the_rest():
+    ts = time_grid(build_schedule("flow", 1000), "uniform", 10)
+    part = truncate_grid(ts, 0.55)
+    assert part[0] == 0.55 and torch.equal(part[1:], ts[ts < 0.55]) and part[-1] == 0
+    assert torch.equal(truncate_grid(ts, 1.0), ts)
+
+
+def test_slerp_endpoints_exact_and_norm_kept():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 1, 28, 28, generator=g), torch.randn(3, 1, 28, 28, generator=g)
+    assert torch.equal(edit.slerp(a, b, 0.0), a) and torch.equal(edit.slerp(a, b, 1.0), b)
+    mid = edit.slerp(a, b, 0.5)
+    ratio = mid.flatten(1).norm(dim=1) / a.flatten(1).norm(dim=1)
+    assert torch.allclose(ratio, torch.ones(3), atol=0.05)  # a linear mix would give ~0.71
+    assert torch.allclose(edit.slerp(a, a, 0.3), a, atol=1e-5)  # parallel: no NaN
+
+
+# --------------------------------------------------------------------------- methods
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("method", ["repaint", "replace"])
+def test_inpaint_keeps_known_pixels_bit_for_bit(kind, method):
+    pipe = tiny_pipe(*KINDS[kind])
+    images = digits(3)
+    labels = [1, 2, 3] if pipe.conditional else None
+    out = edit.inpaint(pipe, images, "box:4,10,20,26", labels, method=method, resample=2, steps=4)
+    mask = edit.make_mask("box:4,10,20,26")
+    assert out.images.dtype == torch.uint8 and out.images.shape == (3, 28, 28)
+    assert torch.equal(out.images[:, ~mask], images[:, ~mask])
+    assert not torch.equal(out.images[:, mask], images[:, mask])
+    assert out.nfe == (4 if method == "replace" else 2 * 3 + 1)  # R repeats except the last
+    again = edit.inpaint(pipe, images, "box:4,10,20,26", labels, method=method, resample=2, steps=4)
+    assert torch.equal(out.images, again.images)  # seeded
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_every_method_runs_on_every_model_kind(kind):
+    pipe = tiny_pipe(*KINDS[kind])
+    images = digits(2)
+    cond = pipe.conditional
+    rec = edit.reconstruct(pipe, images, [3, 4] if cond else None, steps=4)
+    assert len(rec.info["psnr"]) == 2 and rec.info["nfe_invert"] == rec.info["nfe_decode"] == 4
+    sd = edit.sdedit(pipe, images, 0.5, 7 if cond else None, steps=4, seed=3)
+    assert sd.images.shape == (2, 28, 28) and sd.nfe == 2
+    assert torch.equal(
+        sd.images, edit.sdedit(pipe, images, 0.5, 7 if cond else None, steps=4, seed=3).images
+    )
+    frames = edit.interpolate(pipe, 3, seeds=(1, 2), labels=(3, 8) if cond else None, steps=3)
+    assert frames.images.shape == (3, 28, 28)
+    if cond:
+        rs = edit.restyle(pipe, images, 5, [3, 4], steps=3, strength=0.8)
+        assert rs.labels.tolist() == [5, 5] and rs.images.shape == (2, 28, 28)
+        comp = edit.compose(pipe, "2+1", steps=3)
+        assert len(comp.boxes) == 3
+
+
+def test_inversion_round_trip_of_a_network_is_close_with_heun():
+    """A smooth (random) network is inverted and decoded back to the same uint8 images."""
+    pipe = tiny_pipe("diffusion.schedule=flow", "diffusion.prediction=velocity")
+    images = digits(2)
+    out = edit.reconstruct(pipe, images, [1, 2], steps=16, sampler="heun", grid="karras")
+    assert out.info["mean_psnr"] > 40 and min(out.info["psnr"]) > 40
+    assert out.info["nfe_invert"] == out.info["nfe_decode"] == 31
+
+
+def test_interpolation_endpoints_equal_the_endpoint_samples():
+    pipe = tiny_pipe()
+    out = edit.interpolate(pipe, 5, seeds=(4, 9), labels=(3, 8), steps=3)
+    first = edit.endpoint_sample(pipe, 4, 3, steps=3)
+    last = edit.endpoint_sample(pipe, 9, 8, steps=3)
+    assert (out.images[0].int() - first[0].int()).abs().max() <= 1
+    assert (out.images[-1].int() - last[0].int()).abs().max() <= 1
+    assert out.labels.tolist() == [3, 3, 8, 8, 8]
+    images = digits(2)
+    between = edit.interpolate(pipe, 3, images=images, labels=(1, 2), steps=3)
+    rec = edit.reconstruct(pipe, images, [1, 2], steps=3)
+    assert (between.images[[0, -1]].int() - rec.images.int()).abs().max() <= 1
+
+
+def test_label_embedding_mix_at_the_ends_is_the_plain_label():
+    pipe = tiny_pipe()
+    backbone, x = pipe.denoiser.backbone, torch.randn(2, 1, 28, 28)
+    t, y0, y1 = torch.full((2,), 0.5), torch.tensor([3, 3]), torch.tensor([8, 8])
+    with torch.no_grad(), mixed_label_embedding(backbone, y1, torch.tensor([0.0, 1.0])):
+        mixed = backbone(x, t, y0)
+    with torch.no_grad():
+        assert torch.equal(mixed[0], backbone(x, t, y0)[0])
+        assert torch.allclose(mixed[1], backbone(x, t, y1)[1], atol=1e-6)
+        assert torch.equal(backbone(x, t, y0), backbone(x, t, y0))  # hook removed
+
+
+def test_compose_places_every_character_in_order():
+    pipe = tiny_pipe()
+    out = edit.compose(pipe, "2026", steps=3, seed=5)
+    assert out.text == "2026" and out.glyphs.shape == (4, 28, 28) and len(out.boxes) == 4
+    for (l0, r0), (l1, _) in zip(out.boxes, out.boxes[1:], strict=False):
+        assert l0 < r0 < l1 and 1 <= l1 - r0 <= 4  # gaps within (1, 4)
+    assert out.image.shape[0] == 28 and out.image.shape[1] == out.boxes[-1][1] + 2
+    for i in range(4):
+        cut = out.cut(i)
+        left, right = out.boxes[i]
+        x, y = out.offsets[i]
+        assert cut.shape == (28, 28)
+        assert cut.max() > 0 and torch.equal(
+            cut[:, : left - x], torch.zeros_like(cut[:, : left - x])
+        )
+    assert torch.equal(edit.compose(pipe, "2026", steps=3, seed=5).image, out.image)
+
+
+def test_compose_layout_and_operators_on_synthetic_glyphs():
+    from mnistdiff.edit.compose import layout
+
+    bar = torch.zeros(28, 28, dtype=torch.uint8)
+    bar[4:24, 12:15] = 255  # a "1", 3 pixels wide
+    assert edit.stroke_width(bar[None]) == 3.0
+    plus = edit.draw_operator("+", 3.0)
+    assert plus.dtype == torch.uint8 and (plus > 127).sum(1).max() >= 10  # a horizontal stroke
+    assert edit.stroke_width(edit.draw_operator("-", 3.0)[None]) == 12.0  # one run, full length
+    canvas, boxes, offsets = layout([bar, plus, bar], seed=0, gap=(2, 2), jitter=0)
+    assert [r - l for l, r in boxes] == [3, 12, 3] or boxes[1][1] - boxes[1][0] >= 12
+    assert boxes[1][0] - boxes[0][1] == 2 and boxes[2][0] - boxes[1][1] == 2
+    assert int(canvas[14, boxes[0][0]]) == 255 and canvas.shape[1] == boxes[-1][1] + 2
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def _png(path, array, mode="L"):
+    Image.fromarray(array, mode=mode).save(path)
+    return path
+
+
+def test_dark_on_light_png_of_any_size_is_inverted_and_centred(tmp_path):
+    paper = np.full((120, 90), 250, np.uint8)
+    paper[20:100, 40:52] = 10  # a dark "1" on white paper, off centre
+    image, inverted = edit.load_image(_png(tmp_path / "one.png", paper))
+    assert inverted and image.shape == (28, 28) and image.dtype == torch.uint8
+    assert image[0].max() == 0 and image[:, 0].max() == 0 and image.max() == 255
+    ys, xs = torch.nonzero(image > 127, as_tuple=True)
+    assert ys.max() - ys.min() + 1 in (19, 20, 21)  # MNIST: the digit fits 20x20
+    assert (
+        abs(float(xs.float().mean()) - 13.5) <= 1.5 and abs(float(ys.float().mean()) - 13.5) <= 1.5
+    )
+
+
+def test_mnist_like_png_is_read_unchanged_and_rgba_works(tmp_path):
+    x = digits(1)[0].numpy()
+    image, inverted = edit.load_image(_png(tmp_path / "d.png", x))
+    assert not inverted and np.array_equal(image.numpy(), x)
+    rgba = np.zeros((60, 60, 4), np.uint8)
+    rgba[10:50, 25:33] = (0, 0, 0, 255)  # black ink on a transparent canvas
+    image, inverted = edit.load_image(_png(tmp_path / "t.png", rgba, "RGBA"))
+    assert inverted and image.max() == 255 and image[0].max() == 0
+
+
+def test_bad_inputs_are_clear_errors(tmp_path):
+    pipe, images = tiny_pipe(), digits(2)
+    (tmp_path / "x.png").write_text("not an image")
+    with pytest.raises(ValueError, match="not an image"):
+        edit.load_image(tmp_path / "x.png")
+    with pytest.raises(ValueError, match="blank"):
+        edit.load_image(_png(tmp_path / "blank.png", np.zeros((30, 30), np.uint8)))
+    with pytest.raises(ValueError, match="mask is empty"):
+        edit.make_mask(np.zeros((28, 28)))
+    with pytest.raises(ValueError, match="whole image"):
+        edit.make_mask(np.ones((28, 28)))
+    with pytest.raises(ValueError, match="28x28"):
+        edit.make_mask(_png(tmp_path / "m.png", np.full((32, 32), 255, np.uint8)))
+    with pytest.raises(ValueError, match="bad box"):
+        edit.make_mask("box:3,3,2,9")
+    with pytest.raises(ValueError, match="not one of bottom"):
+        edit.make_mask("middle")
+    for strength in (0.0, 1.5, float("nan"), -0.2):
+        with pytest.raises(ValueError, match="strength must be in"):
+            edit.sdedit(pipe, images, strength)
+    with pytest.raises(ValueError, match=r"outside the model's classes 0..9"):
+        edit.sdedit(pipe, images, 0.5, labels=10)
+    with pytest.raises(ValueError, match="cannot run backwards"):
+        edit.invert(pipe, images, sampler="dpmpp_2m")
+    with pytest.raises(ValueError, match="allowed are the digits"):
+        edit.compose(pipe, "12a")
+    with pytest.raises(ValueError, match="unknown inpainting method"):
+        edit.inpaint(pipe, images, "bottom", method="magic")
+    uncond = tiny_pipe("model.conditional=false")
+    with pytest.raises(ValueError, match="unconditional"):
+        edit.restyle(uncond, images, 8)
+    with pytest.raises(ValueError, match="unconditional"):
+        edit.compose(uncond, "12")
+
+
+def test_inputs_from_the_test_set_and_npz(real_mnist, tmp_path):
+    from mnistdiff.sample import save_npz
+
+    got = edit.load_inputs(from_test="0,2-3")
+    assert got.labels.tolist() == [7, 1, 0] and got.names == ["test[0]", "test[2]", "test[3]"]
+    save_npz(tmp_path / "s.npz", got.images, torch.tensor([-1, -1, -1]))
+    both = edit.load_inputs(from_test=[0], npz=tmp_path / "s.npz")
+    assert torch.equal(both.images[1:], got.images) and both.labels.tolist() == [7, -1, -1, -1]
+    with pytest.raises(ValueError, match="test indices"):
+        edit.load_inputs(from_test=[70000])
+    with pytest.raises(ValueError, match="no input"):
+        edit.load_inputs()
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from conftest import mnist_dir
+    from mnistdiff.train import train
+
+    data = mnist_dir()
+    if data is None:
+        pytest.skip("real MNIST not available (set MNIST_DIR)")
+    run_dir = tmp_path_factory.mktemp("edit") / "run"
+    cfg = load_config(
+        ROOT / "configs" / "smoke.yaml",
+        [f"train.run_dir={run_dir}", f"data.data_dir={data}", "train.steps=2", "train.val_every=2"],
+    )
+    train(cfg)
+    return run_dir, data
+
+
+def run(*argv):
+    return main([str(a) for a in argv])
+
+
+def test_cli_end_to_end(trained, tmp_path, capsys, monkeypatch):
+    run_dir, data = trained
+    monkeypatch.setenv("MNIST_DIR", data)
+    ck = ["--checkpoint", run_dir, "--steps", "3"]
+    paper = np.full((50, 40), 255, np.uint8)
+    paper[10:40, 15:22] = 0
+    user = _png(tmp_path / "user.png", paper)
+
+    assert (
+        run(
+            "edit",
+            "invert",
+            *ck,
+            "--from-test",
+            "0,1",
+            "--image",
+            user,
+            "--out",
+            tmp_path / "i.png",
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "no label: mean PSNR" in out and "NFE 3 invert + 3 decode" in out and "inverted" in out
+    # rows: 3 inputs; columns: input, reconstruction (no label: the PNG has none); 2x scale
+    assert Image.open(tmp_path / "i.png").size == ((2 * 30 + 2) * 2, (3 * 30 + 2) * 2)
+
+    npz = tmp_path / "inpaint.npz"
+    args = ["--from-test", "3,4", "--mask", "bottom", "--resample", "2", "--save-npz", npz]
+    assert run("edit", "inpaint", *ck, *args, "--label", "true", "--out", tmp_path / "p.png") == 0
+    with np.load(npz) as f:
+        images, labels = f["images"], f["labels"]
+    real = edit.load_inputs(from_test="3,4").images.numpy()
+    assert images.shape == (8, 28, 28)  # 2 methods x 2 variations x 2 inputs
+    assert np.array_equal(images[:, :14], np.tile(real[:, :14], (4, 1, 1)))
+    assert labels.tolist() == edit.load_inputs(from_test="3,4").labels.tolist() * 4
+
+    assert (
+        run(
+            "edit",
+            "restyle",
+            *ck,
+            "--from-test",
+            "5",
+            "--to-label",
+            "0,8",
+            "--out",
+            tmp_path / "r.png",
+        )
+        == 0
+    )
+    assert (
+        run(
+            "edit",
+            "sdedit",
+            *ck,
+            "--image",
+            user,
+            "--strength",
+            "0.5",
+            "--label",
+            "1",
+            "--variations",
+            "2",
+            "--out",
+            tmp_path / "s.png",
+        )
+        == 0
+    )
+    assert (
+        run(
+            "edit",
+            "interpolate",
+            *ck,
+            "--seeds",
+            "1,2",
+            "--label",
+            "3,8",
+            "--frames",
+            "4",
+            "--out",
+            tmp_path / "f.png",
+        )
+        == 0
+    )
+    assert (tmp_path / "f.gif").is_file()
+    assert (
+        run("compose", "3+4=7", *ck, "--out", tmp_path / "c.png", "--save-npz", tmp_path / "c.npz")
+        == 0
+    )
+    with np.load(tmp_path / "c.npz") as f:
+        assert f["labels"].tolist() == [3, -1, 4, -1, 7]
+    for name in ("i", "p", "r", "s", "f", "c"):
+        assert Image.open(tmp_path / f"{name}.png").format == "PNG"
+
+
+def test_cli_bad_input_exits_nonzero_and_writes_nothing(trained, tmp_path, capsys, monkeypatch):
+    run_dir, data = trained
+    monkeypatch.setenv("MNIST_DIR", data)
+    out = tmp_path / "out.png"
+    (tmp_path / "bad.png").write_text("nope")
+    _png(tmp_path / "big.png", np.full((30, 30), 255, np.uint8))
+    cases = [
+        (["edit", "sdedit", "--image", tmp_path / "bad.png"], "not an image"),
+        (["edit", "inpaint", "--from-test", "1", "--mask", tmp_path / "big.png"], "28x28"),
+        (["edit", "inpaint", "--from-test", "1", "--mask", "box:0,0,28,28"], "whole image"),
+        (["edit", "sdedit", "--from-test", "1", "--strength", "1.5"], "strength must be in"),
+        (["edit", "sdedit", "--from-test", "1", "--label", "12"], "outside the model's classes"),
+        (["compose", "12x"], "allowed are the digits"),
+        (["edit", "invert", "--from-test", "1", "--sampler", "ddpm"], "cannot run backwards"),
+    ]
+    for argv, message in cases:
+        assert run(*argv, "--checkpoint", run_dir, "--steps", "2", "--out", out) == 1, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+        assert not out.exists()
+    # an unconditional model cannot take --to-label
+    pipe = tiny_pipe("model.conditional=false")
+    export = write_export(
+        tmp_path / "uncond",
+        to_dict(pipe.cfg),
+        pipe.spec.to_dict(),
+        pipe.denoiser.backbone.state_dict(),
+    )
+    argv = ["edit", "restyle", "--checkpoint", export, "--from-test", "1", "--to-label", "8"]
+    assert run(*argv, "--out", out) == 1
+    assert "unconditional" in capsys.readouterr().err and not out.exists()
