@@ -463,3 +463,41 @@ def test_cli_bad_input_exits_nonzero_and_writes_nothing(trained, tmp_path, capsy
     argv = ["edit", "restyle", "--checkpoint", export, "--from-test", "1", "--to-label", "8"]
     assert run(*argv, "--out", out) == 1
     assert "unconditional" in capsys.readouterr().err and not out.exists()
+
+
+# --------------------------------------------------------------------------- benchmark
+
+
+def test_edit_quality_benchmark_tiny(real_mnist, tmp_path):
+    """benchmarks/edit_quality.py --tiny: every section, consistent JSON (numbers mean nothing)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    pipe = tiny_pipe()
+    export = write_export(
+        tmp_path / "tiny",
+        to_dict(pipe.cfg),
+        pipe.spec.to_dict(),
+        pipe.denoiser.backbone.state_dict(),
+    )
+    out = tmp_path / "edit.json"
+    env = {**os.environ, "MNIST_DIR": real_mnist, "OMP_NUM_THREADS": "1"}
+    script = ROOT / "benchmarks" / "edit_quality.py"
+    argv = [sys.executable, str(script), "--tiny", "--checkpoint", str(export), "--out", str(out)]
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    assert json.loads(out.read_text()) == result and result["tiny"] and result["n_test_digits"] == 4
+    inv = result["inversion"]
+    assert {(r["sampler"], r["label"], r["nfe_invert"]) for r in inv} == {
+        ("ddim", False, 2), ("ddim", True, 2), ("ddim", False, 4), ("ddim", True, 4),
+        ("heun", False, 3), ("heun", True, 3),
+    }  # fmt: skip
+    assert all(r["nfe_invert"] == r["nfe_decode"] and r["mean_psnr"] >= r["min_psnr"] for r in inv)
+    assert all(r["known_pixels_exact"] for r in result["inpaint"]) and len(result["inpaint"]) == 4
+    assert [r["strength"] for r in result["sdedit"]] == [0.5, 1.0]
+    for r in result["sdedit"] + result["restyle"]["by_strength"]:
+        assert all(0 <= r[k] <= 1 for k in r if k.endswith("accuracy") or k == "still_source")
+    assert result["compose"]["digits"] == 8 and 0 <= result["compose"]["digit_accuracy"] <= 1

@@ -179,6 +179,8 @@ def decode(
         "threshold": base.threshold,
         **options,
     }
+    if options.get("nfe") is not None:
+        merged.pop("steps")
     opts = sampling(pipe, **merged)
     n = len(inversion.latents)
     if labels is None and bool((inversion.labels >= 0).all()):
