@@ -198,7 +198,7 @@ def cmd_invert(args) -> int:
             runs.append(("label", _known_labels(inputs)))
     columns, results = [inputs.images], []
     for name, labels in runs:
-        out = reconstruct(pipe, inputs.images, labels, **_batch(args), **opts)
+        out = reconstruct(pipe, inputs.images, labels, progress=True, **_batch(args), **opts)
         info = out.info
         print(
             f"{name}: mean PSNR {info['mean_psnr']:.2f} dB, NFE {info['nfe_invert']} invert + "
@@ -241,7 +241,16 @@ def cmd_restyle(args) -> int:
     images = inputs.images.repeat(len(targets), 1, 1)  # target-major
     to = torch.tensor(targets).repeat_interleave(n)
     src = None if sources is None else sources.repeat(len(targets))
-    out = restyle(pipe, images, to, src, strength=args.strength, **_batch(args), **_options(args))
+    out = restyle(
+        pipe,
+        images,
+        to,
+        src,
+        strength=args.strength,
+        progress=True,
+        **_batch(args),
+        **_options(args),
+    )
     print(f"restyled {n} input(s) to {targets}: NFE {out.nfe} per image")
     cols = [inputs.images] + list(out.images.split(n))
     _write(args, _interleave(cols), len(cols), out.images, out.labels)
@@ -267,6 +276,7 @@ def cmd_sdedit(args) -> int:
         args.strength,
         None if labels is None else labels.repeat(k),
         seed=args.seed,
+        progress=True,
         **_batch(args),
         **_options(args),
     )
@@ -308,6 +318,7 @@ def cmd_inpaint(args) -> int:
             method=method,
             resample=args.resample,
             seed=args.seed,
+            progress=True,
             **_batch(args),
             **_options(args),
         )

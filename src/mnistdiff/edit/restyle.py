@@ -1,16 +1,16 @@
 """Handwriting transfer / class swap: keep the writer's style, change the digit.
 
-Papers: DDIM inversion (Song, Meng & Ermon 2021, sec. 5.4) for the encoding, and the
-"invert with the source condition, regenerate with the target condition" recipe of
-DiffEdit / prompt-to-prompt style editing (Couairon et al. 2023; Hertz et al. 2023), here with a
-class label instead of a text prompt; at partial depth it is SDEdit (Meng et al. 2022) started
-from the inverted latent instead of fresh noise.
+Papers: DDIM inversion (Song, Meng & Ermon 2021, sec. 5.4) for the encoding, then decoding
+with another condition -- the "encode with DDIM, decode with the new condition" step of
+DiffEdit (Couairon et al. 2023, sec. 3.2), here with a class label instead of a text query; at
+partial depth it is SDEdit (Meng et al. 2022) started from the inverted latent instead of fresh
+noise.
 
 Maths. With the probability-flow ODE ``Phi_y`` of the class-``y`` model from t = 0 to t0:
 ``z = Phi_(y_src)(x_src)`` (deterministic, so ``z`` keeps what the network reads as style:
-position, slant, stroke width -- the low-frequency layout is fixed early in the ODE), then
-``x_out = Phi_(y_tgt)^(-1)(z)`` decoded with the target label and classifier-free guidance
-``u + w (c_tgt - u)``. ``strength`` = t0 in (0, 1] sets the depth: 1 inverts all the way to
+position, slant, stroke width; coarse layout is set early in sampling, Ho et al. 2020 sec. 4.3),
+then ``x_out = Phi_(y_tgt)^(-1)(z)`` decoded with the target label and classifier-free
+guidance ``u + w (c_tgt - u)``. ``strength`` = t0 in (0, 1] sets the depth: 1 inverts all the way to
 noise (largest change of identity), small values keep more of the source pixels. Without a
 source label the inversion is unconditional.
 """
