@@ -452,6 +452,8 @@ def test_cli_bad_input_exits_nonzero_and_writes_nothing(trained, tmp_path, capsy
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err
         assert not out.exists()
+    argv = ["compose", "12", "--checkpoint", run_dir, "--out", tmp_path / "c.jpg"]
+    assert run(*argv) == 1 and "path ending in .png" in capsys.readouterr().err
     # an unconditional model cannot take --to-label
     pipe = tiny_pipe("model.conditional=false")
     export = write_export(

@@ -145,10 +145,15 @@ def _known_labels(inputs):
     return None if bool((inputs.labels < 0).any()) else inputs.labels.clone()
 
 
-def _check_writable(*paths) -> None:
-    for path in paths:
-        if path is not None and not Path(path).parent.exists():
-            raise FileNotFoundError(f"output folder does not exist: {Path(path).parent}")
+def _check_outputs(args, gif: str | None = None) -> None:
+    """Refuse unusable output paths before any work (mnistdiff.outputs)."""
+    from ..outputs import check_output_file
+
+    check_output_file(args.out, "--out", ".png")
+    if args.save_npz:
+        check_output_file(args.save_npz, "--save-npz", ".npz")
+    if gif:
+        check_output_file(gif, "--gif", ".gif")
 
 
 def _write(args, grid_images, nrow: int, result_images=None, result_labels=None) -> None:
@@ -183,7 +188,7 @@ def cmd_invert(args) -> int:
     """Invert and reconstruct, without and with labels (when known); print PSNRs."""
     from .inversion import reconstruct
 
-    _check_writable(args.out, args.save_npz)
+    _check_outputs(args)
     inputs = _read_inputs(args)
     pipe = _load(args)
     _shown(inputs)
@@ -224,7 +229,7 @@ def cmd_restyle(args) -> int:
     from .restyle import restyle
 
     check_strength(args.strength)
-    _check_writable(args.out, args.save_npz)
+    _check_outputs(args)
     targets = _int_list(args.to_label, "--to-label")
     inputs = _read_inputs(args)
     pipe = _load(args)
@@ -263,7 +268,7 @@ def cmd_sdedit(args) -> int:
 
     check_strength(args.strength)
     _check_variations(args.variations)
-    _check_writable(args.out, args.save_npz)
+    _check_outputs(args)
     inputs = _read_inputs(args)
     pipe = _load(args)
     _shown(inputs)
@@ -300,7 +305,7 @@ def cmd_inpaint(args) -> int:
     _check_variations(args.variations)
     if args.resample < 1:
         raise ValueError(f"--resample must be >= 1, got {args.resample}")
-    _check_writable(args.out, args.save_npz)
+    _check_outputs(args)
     inputs = _read_inputs(args)
     pipe = _load(args)
     _shown(inputs)
@@ -335,7 +340,7 @@ def cmd_interpolate(args) -> int:
     from .interpolate import interpolate
 
     gif = args.gif or str(Path(args.out).with_suffix(".gif"))
-    _check_writable(args.out, args.save_npz, gif)
+    _check_outputs(args, gif)
     label = None if args.label is None else _int_list(args.label, "--label")
     if label is not None and len(label) not in (1, 2):
         raise ValueError(f"--label takes Y or Y0,Y1, got {args.label!r}")
@@ -369,7 +374,7 @@ def cmd_compose(args) -> int:
     gap = _int_list(args.gap, "--gap")
     if len(gap) != 2:
         raise ValueError(f"--gap takes MIN,MAX, got {args.gap!r}")
-    _check_writable(args.out, args.save_npz)
+    _check_outputs(args)
     style = load_image(args.style)[0] if args.style else None
     pipe = _load(args)
     out = compose(
