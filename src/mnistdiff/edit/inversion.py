@@ -211,21 +211,21 @@ def reconstruct(
 
     Returns:
         :class:`EditResult` with ``info = {"psnr": [...], "mean_psnr", "nfe_invert",
-        "nfe_decode", "sampler", "steps"}``.
+        "nfe_decode", "sampler", "steps", "labels"}`` (PSNR in dB, capped at 100).
     """
     keys = ("t_end", "refine", "batch_size", "progress")
     inv = invert(pipe, images, labels, **options)
     decode_opts = {k: v for k, v in options.items() if k not in keys}
     x, nfe = decode(pipe, inv, batch_size=options.get("batch_size"), **decode_opts)
     out = to_uint8(pipe, x)
-    scores = psnr(out, images.reshape(out.shape))
+    scores = psnr(out, images.reshape(out.shape)).clamp(max=100.0)  # identical: 100, not inf
     return EditResult(
         out,
         inv.labels,
         nfe,
         {
             "psnr": [round(float(v), 3) for v in scores],
-            "mean_psnr": round(float(scores.clamp(max=100).mean()), 3),
+            "mean_psnr": round(float(scores.mean()), 3),
             "nfe_invert": inv.nfe,
             "nfe_decode": nfe,
             "sampler": inv.sampling.sampler,
