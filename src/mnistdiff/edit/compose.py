@@ -17,6 +17,7 @@ jitter]`` (seeded), merged by maximum on a 28-pixel-high canvas.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -27,6 +28,10 @@ from ..samplers import initial_sample
 from .core import check_labels, generator, randn, sample_from, sampling, to_uint8
 from .inversion import generation_grid
 from .restyle import restyle
+
+if TYPE_CHECKING:
+    from ..sample import Pipeline
+
 
 OPERATORS = "+-="
 SIZE = 28
@@ -82,7 +87,7 @@ def check_text(text: str) -> str:
 
 @torch.no_grad()
 def compose(
-    pipe,
+    pipe: Pipeline,
     text: str,
     *,
     seed: int = 0,
@@ -133,7 +138,7 @@ def compose(
     return Composition(canvas, torch.stack(frames), boxes, offsets, text, nfe)
 
 
-def _digit_glyphs(pipe, labels, seed, style, style_label, strength, options):
+def _digit_glyphs(pipe: Pipeline, labels, seed, style, style_label, strength, options):
     if style is not None:
         style = torch.as_tensor(style)
         style = style.reshape(1, SIZE, SIZE) if style.numel() == SIZE * SIZE else style

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -21,6 +22,10 @@ from ..data import from_model_range
 from ..guidance import classifier_free, thresholded, unconditional
 from ..samplers import SampleResult, get_sampler
 from ..schedules import Schedule, time_grid
+
+if TYPE_CHECKING:
+    from ..sample import Pipeline
+
 
 Denoise = Callable[[Tensor, Tensor], Tensor]
 StepHook = Callable[[int, Tensor, float], Tensor]
@@ -72,7 +77,7 @@ class Sampling:
 
 
 def sampling(
-    pipe,
+    pipe: Pipeline,
     *,
     sampler: str | None = None,
     steps: int | None = None,
@@ -131,17 +136,19 @@ def check_images(images: Tensor) -> Tensor:
     return images
 
 
-def to_model(pipe, images: Tensor) -> Tensor:
+def to_model(pipe: Pipeline, images: Tensor) -> Tensor:
     """uint8 ``[N, 28, 28]`` -> model-range float ``[N, 1, S, S]`` on the pipeline's device."""
     return prepare_images(check_images(images), pipe.cfg.data).to(pipe.device)
 
 
-def to_uint8(pipe, x: Tensor) -> Tensor:
+def to_uint8(pipe: Pipeline, x: Tensor) -> Tensor:
     """Model-range ``[N, 1, S, S]`` -> uint8 ``[N, 28, 28]`` on the CPU."""
     return from_model_range(crop_to(x.float().cpu(), original_size(pipe.spec, pipe.cfg.data)))
 
 
-def check_labels(pipe, labels: Sequence[int] | Tensor | int | None, n: int) -> Tensor | None:
+def check_labels(
+    pipe: Pipeline, labels: Sequence[int] | Tensor | int | None, n: int
+) -> Tensor | None:
     """Labels ``[n]`` (an int is repeated) checked against the model's classes, or None.
 
     Raises:
@@ -167,7 +174,7 @@ def check_labels(pipe, labels: Sequence[int] | Tensor | int | None, n: int) -> T
 
 
 def denoise_fn(
-    pipe, labels: Tensor | None, opts: Sampling, model: Callable | None = None
+    pipe: Pipeline, labels: Tensor | None, opts: Sampling, model: Callable | None = None
 ) -> Denoise:
     """The pipeline's denoise function with classifier-free guidance and thresholding.
 
@@ -241,12 +248,12 @@ def renoise(schedule: Schedule, x_s: Tensor, s: float, t: float, noise: Tensor) 
     return ratio * x_s + math.sqrt(max(s_t * s_t - (ratio * s_s) ** 2, 0.0)) * noise
 
 
-def generator(pipe, seed: int, stream: int = 0) -> torch.Generator:
+def generator(pipe: Pipeline, seed: int, stream: int = 0) -> torch.Generator:
     """A generator on the pipeline's device seeded from ``(seed, stream)``."""
     return torch.Generator(device=pipe.device).manual_seed(seed_for(seed, stream))
 
 
-def randn(pipe, n: int, gen: torch.Generator) -> Tensor:
+def randn(pipe: Pipeline, n: int, gen: torch.Generator) -> Tensor:
     """Standard normal noise ``[n, C, S, S]`` in the model's image shape."""
     return torch.randn((n, *pipe.denoiser.image_shape), generator=gen, device=pipe.device)
 
@@ -334,7 +341,7 @@ def psnr(a: Tensor, b: Tensor) -> Tensor:
 
 
 def sample_from(
-    pipe,
+    pipe: Pipeline,
     x: Tensor,
     ts: Tensor,
     labels: Tensor | None,

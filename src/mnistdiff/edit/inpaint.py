@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -43,6 +44,10 @@ from .core import (
     to_model,
     to_uint8,
 )
+
+if TYPE_CHECKING:
+    from ..sample import Pipeline
+
 
 MASK_NAMES = ("bottom", "top", "left", "right")
 METHODS = ("repaint", "replace")
@@ -121,7 +126,7 @@ def _check_method(method: str) -> str:
     return method
 
 
-def _model_mask(pipe, mask: Tensor) -> Tensor:
+def _model_mask(pipe: Pipeline, mask: Tensor) -> Tensor:
     """``[1, 1, S, S]`` float mask in model space (padding counts as known)."""
     m = mask.float()[None, None]
     size = pipe.denoiser.image_shape[-1]
@@ -130,7 +135,7 @@ def _model_mask(pipe, mask: Tensor) -> Tensor:
 
 @torch.no_grad()
 def inpaint(
-    pipe,
+    pipe: Pipeline,
     images: Tensor,
     mask: str | Path | np.ndarray | Tensor,
     labels: Sequence[int] | Tensor | int | None = None,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -34,6 +35,9 @@ from .core import (
     to_uint8,
 )
 from .inversion import generation_grid, invert
+
+if TYPE_CHECKING:
+    from ..sample import Pipeline
 
 
 def slerp(z0: Tensor, z1: Tensor, w: float) -> Tensor:
@@ -107,7 +111,7 @@ def _pair(value, name: str) -> tuple:
 
 @torch.no_grad()
 def interpolate(
-    pipe,
+    pipe: Pipeline,
     num: int = 8,
     *,
     seeds: Sequence[int] | None = None,
@@ -158,7 +162,7 @@ def interpolate(
     return EditResult(to_uint8(pipe, out.x), frame_labels.long(), out.nfe, info)
 
 
-def _endpoints(pipe, seeds, images, pair, options) -> tuple[Tensor, object]:
+def _endpoints(pipe: Pipeline, seeds, images, pair, options) -> tuple[Tensor, object]:
     """Start latents ``[2, C, S, S]`` and the sampling settings."""
     if (seeds is None) == (images is None):
         raise ValueError("give exactly one of seeds=(a, b) or images=[2, 28, 28]")
@@ -176,7 +180,7 @@ def _endpoints(pipe, seeds, images, pair, options) -> tuple[Tensor, object]:
     return initial_sample(pipe.denoiser.schedule, ts, noise), opts
 
 
-def endpoint_sample(pipe, seed: int, label: int | None = None, **options) -> Tensor:
+def endpoint_sample(pipe: Pipeline, seed: int, label: int | None = None, **options) -> Tensor:
     """The uint8 image ``[1, 28, 28]`` that seed ``seed`` gives alone (an interpolation end)."""
     opts = sampling(pipe, eta=0.0, **options)
     ts = generation_grid(pipe, opts)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -50,6 +51,9 @@ from .core import (
     truncate_grid,
 )
 
+if TYPE_CHECKING:
+    from ..sample import Pipeline
+
 
 @dataclass(frozen=True)
 class Inversion:
@@ -70,7 +74,7 @@ class Inversion:
     sampling: Sampling
 
 
-def generation_grid(pipe, opts: Sampling, t_end: float = 1.0) -> Tensor:
+def generation_grid(pipe: Pipeline, opts: Sampling, t_end: float = 1.0) -> Tensor:
     """The descending grid from ``t_end`` to 0 that decoding uses (and inversion reverses)."""
     ts = opts.grid_for(pipe.denoiser.schedule)
     return ts if t_end >= float(ts[0]) else truncate_grid(ts, t_end)
@@ -110,7 +114,7 @@ def invert_x(
 
 @torch.no_grad()
 def invert(
-    pipe,
+    pipe: Pipeline,
     images: Tensor,
     labels: Sequence[int] | Tensor | int | None = None,
     *,
@@ -151,7 +155,7 @@ def invert(
 
 @torch.no_grad()
 def decode(
-    pipe,
+    pipe: Pipeline,
     inversion: Inversion,
     labels: Sequence[int] | Tensor | int | None = None,
     *,
@@ -196,7 +200,7 @@ def decode(
 
 
 def reconstruct(
-    pipe,
+    pipe: Pipeline,
     images: Tensor,
     labels: Sequence[int] | Tensor | int | None = None,
     **options,

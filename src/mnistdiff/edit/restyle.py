@@ -18,6 +18,7 @@ source label the inversion is unconditional.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -25,10 +26,13 @@ from torch import Tensor
 from .core import EditResult, check_labels, check_strength, to_model, to_uint8
 from .inversion import decode, invert
 
+if TYPE_CHECKING:
+    from ..sample import Pipeline
+
 
 @torch.no_grad()
 def restyle(
-    pipe,
+    pipe: Pipeline,
     images: Tensor,
     to_labels: Sequence[int] | Tensor | int,
     from_labels: Sequence[int] | Tensor | int | None = None,

@@ -14,6 +14,7 @@ label and classifier-free guidance the result is steered to that class.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -36,10 +37,13 @@ from .core import (
     truncate_grid,
 )
 
+if TYPE_CHECKING:
+    from ..sample import Pipeline
+
 
 @torch.no_grad()
 def sdedit(
-    pipe,
+    pipe: Pipeline,
     images: Tensor,
     strength: float = 0.6,
     labels: Sequence[int] | Tensor | int | None = None,
