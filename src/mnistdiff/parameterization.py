@@ -117,6 +117,11 @@ class Denoiser(nn.Module):
     def null_label(self) -> int:
         return self.num_classes
 
+    def with_backbone(self, backbone: nn.Module) -> Denoiser:
+        """The same parameterization around another backbone (EMA copy, DDP or compiled)."""
+        shape = self.image_shape
+        return Denoiser(backbone, self.schedule, self.prediction, self.num_classes, shape)
+
     def coefficients(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
         """``alpha_t, sigma_t`` as float32 tensors broadcastable against ``like`` ([B,1,1,1])."""
         alpha, sigma = self.schedule.alpha_sigma(t.to(torch.float64))
