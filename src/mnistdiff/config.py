@@ -32,7 +32,7 @@ import yaml
 from .atomic import atomic_write_text
 from .guidance import THRESHOLD_MODES
 from .losses import LOSSES
-from .parameterization import PREDICTIONS
+from .parameterization import PARAMETERIZATIONS
 from .samplers import SAMPLERS, sampler_options, samplers_taking
 from .schedules import GRID_KINDS, SCHEDULE_NAMES, TIME_SAMPLINGS
 
@@ -128,7 +128,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class DiffusionConfig:
     schedule: str = _opt("cosine", choices=SCHEDULE_NAMES)
-    prediction: str = _opt("eps", choices=PREDICTIONS)
+    prediction: str = _opt("eps", choices=lambda: PARAMETERIZATIONS)
     num_timesteps: int = _opt(1000, lo=10, hi=100000)
     loss: str = _opt("mse", choices=LOSSES)
     min_snr_gamma: float = _opt(0.0, lo=0.0, hi=1000.0, help="0 disables min-SNR weighting")
