@@ -107,7 +107,9 @@ class UNetConfig:
 
 @dataclass(frozen=True)
 class DiTConfig:
-    size: str = _opt("small", choices=("tiny", "small", "base"), help="named size preset")
+    size: str = _opt(
+        "small", choices=_registry("mnistdiff.models.dit", "DIT_SIZES"), help="named size preset"
+    )
     patch_size: int = _opt(4, choices=(2, 4, 7, 8), help="must divide the image size")
     width: int | None = _opt(None, lo=16, hi=4096, help="overrides the preset")
     depth: int | None = _opt(None, lo=1, hi=64, help="overrides the preset")
