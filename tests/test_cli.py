@@ -1,6 +1,7 @@
 """End-to-end CLI tests on configs/smoke.yaml and real MNIST, for both backbones."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -215,9 +216,14 @@ def test_sample_errors(real_mnist, tmp_path, capsys):
     assert "not a readable mnistdiff checkpoint" in capsys.readouterr().err
 
 
-def test_evaluate_json(real_mnist, tmp_path):
+def test_evaluate_json(real_mnist, tmp_path, capsys):
     run_dir = tmp_path / "e"
     assert run("train", "--config", ROOT / "configs/smoke.yaml", "--run-dir", run_dir) == 0
+    png = tmp_path / "s.png"
+    # an option the sampler does not take is refused before sampling (smoke: ddim)
+    for argv in (["--sampler", "euler", "--eta", "0.7"], ["--s-churn", "1"]):
+        assert run("sample", "--checkpoint", run_dir, "--out", png, *argv) == 1
+        assert "does not apply to sampler" in capsys.readouterr().err and not png.exists()
     out = tmp_path / "eval.json"
     assert (
         run(
@@ -228,6 +234,14 @@ def test_evaluate_json(real_mnist, tmp_path):
             "40",
             "--steps",
             "3",
+            "--threshold",
+            "dynamic",
+            "--guidance-rescale",
+            "0.5",
+            "--guidance-interval",
+            "0.1,0.9",
+            "--eta",
+            "0.25",
             "--json",
             out,
             "--model-metrics",
@@ -252,6 +266,19 @@ def test_evaluate_json(real_mnist, tmp_path):
     ):
         assert key in result, key
     assert result["num_samples"] == 40 and result["nfe"] == 3
+    # the record holds every option needed to reproduce the result
+    from mnistdiff.config import SampleOptions
+
+    expected = SampleOptions(
+        sampler="ddim",
+        steps=3,
+        guidance=2.0,
+        threshold="dynamic",
+        guidance_rescale=0.5,
+        guidance_interval=(0.1, 0.9),
+        eta=0.25,
+    )
+    assert SampleOptions(**{k: result[k] for k in expected.record()}) == expected
     assert result["fd_mnist"] > 0 and 0 <= result["class_accuracy"] <= 1
     assert result["bits_per_dim"] > 0
     try:
@@ -358,3 +385,75 @@ def test_evaluate_rejects_bad_input(tmp_path, capsys):
     assert run("evaluate", "--samples", tmp_path / "missing.npz") == 1
     assert run("evaluate", "--checkpoint", tmp_path, "--sweep", "lr=1,2") == 1
     assert "not sweepable" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- flag validation
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["sample", "--guidance", "-1"], r"--guidance: -1.0 is out of range; allowed \[0.0, 100"),
+        (["sample", "--guidance", "nan"], r"--guidance: nan is not allowed; expected a finite"),
+        (["sample", "--eta", ".nan"], r"--eta: nan is not allowed"),
+        (["sample", "--per-class", "0"], r"--per-class: must be >= 1, got 0"),
+        (["sample", "--per-class", "-1"], r"--per-class: must be >= 1, got -1"),
+        (["sample", "--num", "0"], r"--num: must be >= 1, got 0"),
+        (["sample", "--batch-size", "0"], r"--batch-size: 0 is out of range"),
+        (["sample", "--nfe", "0"], r"--nfe: must be >= 1"),
+        (["sample", "--digits", "a"], r"--digits: expected comma-separated class indices"),
+        (["sample", "--sampler", "eulr"], r"--sampler: 'eulr' is not allowed.*'euler'"),
+        (["sample", "--guidance-interval", "0.2"], r"--guidance-interval.*expected \[t_lo"),
+        (["evaluate", "--num-samples", "0"], r"--num-samples: must be >= 1, got 0"),
+        (["evaluate", "--model-metric-images", "0"], r"--model-metric-images: must be >= 1"),
+        (["config", "--lr", "nan"], r"--lr: nan is not allowed"),
+        (["config", "--model-type", "mlp"], r"--model-type: 'mlp' is not allowed.*'unet'"),
+        (["data", "--per-class", "0"], r"--per-class: must be >= 1"),
+    ],
+)
+def test_bad_flags_are_refused_before_any_work(argv, message, tmp_path, capsys):
+    if argv[0] in ("sample", "evaluate"):
+        argv = [argv[0], "--checkpoint", str(tmp_path / "missing"), *argv[1:]]
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and re.search(message, err), err
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--set", "train.lr=.nan"], "train.lr: nan is not allowed"),
+        (["--set", "sample.guidance=.nan"], "sample.guidance: nan is not allowed"),
+        (["--set", "sample.sampler=eulr"], "sample.sampler: 'eulr' is not allowed"),
+        (["--set", "sample.sampler=euler", "--set", "sample.eta=0.7"], "option of ddim"),
+    ],
+)
+def test_config_values_are_refused(args, message, capsys):
+    assert run("config", *args) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_scalar_section_is_a_clear_error(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("train: 5\n")
+    assert run("config", "--config", path) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("mnistdiff: error: train: expected a mapping, got 5")
+    assert "Traceback" not in err
+
+
+def test_sampling_flags_cover_every_option():
+    import dataclasses
+
+    from mnistdiff.cli import build_parser
+    from mnistdiff.config import SampleConfig
+
+    flags = {
+        name
+        for action in build_parser()._subparsers._group_actions[0].choices["sample"]._actions
+        for name in action.option_strings
+    }
+    for f in dataclasses.fields(SampleConfig):
+        assert "--" + f.name.replace("_", "-") in flags, f.name

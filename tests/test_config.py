@@ -120,3 +120,145 @@ def test_apply_overrides_does_not_mutate():
     data = {"train": {"lr": 1.0}}
     out = apply_overrides(data, ["train.lr=2.0"])
     assert data["train"]["lr"] == 1.0 and out["train"]["lr"] == 2.0
+
+
+# --------------------------------------------------------------------------- options defined once
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("train.lr=.nan", r"train.lr: nan is not allowed; expected a finite number"),
+        ("sample.guidance=.nan", r"sample.guidance: nan is not allowed"),
+        ("train.time_budget_minutes=.inf", r"train.time_budget_minutes: inf is not allowed"),
+        ("sample.guidance_interval=[0.1, .nan]", r"guidance_interval\[1\]: nan is not allowed"),
+        ("sample.guidance=-1", r"sample.guidance: -1.0 is out of range; allowed \[0.0, 100.0\]"),
+        ("sample.sampler=eulr", r"sample.sampler: 'eulr' is not allowed.*'euler'.*'heun'"),
+        ("sample.guidance_interval=[0.8, 0.2]", r"guidance_interval: expected \[t_lo, t_hi\]"),
+        ("sample.guidance_interval=[0.1, 0.2, 0.3]", r"guidance_interval: expected \[t_lo"),
+        ("sample.guidance_rescale=1.5", r"sample.guidance_rescale: 1.5 is out of range"),
+    ],
+)
+def test_float_and_sample_rejections(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_sample_section_has_rescale_interval_and_sampler_options():
+    cfg = load_config(
+        None,
+        [
+            "sample.sampler=euler",
+            "sample.s_churn=2",
+            "sample.guidance_rescale=0.7",
+            "sample.guidance_interval=[0.2, 0.8]",
+        ],
+    )
+    assert cfg.sample.guidance_rescale == 0.7 and cfg.sample.guidance_interval == (0.2, 0.8)
+    assert cfg.sample.s_churn == 2.0 and cfg.sample.eta == 0.0
+    assert from_dict(to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m", "ddpm"])
+def test_option_of_another_sampler_is_an_error(sampler):
+    with pytest.raises(ConfigError, match=rf"sample.eta \(0.7\).*'{sampler}'.*option of ddim"):
+        load_config(None, [f"sample.sampler={sampler}", "sample.eta=0.7"])
+    with pytest.raises(ConfigError, match=r"sample.s_churn .* option of euler, heun"):
+        load_config(None, ["sample.sampler=ddim", "sample.s_churn=1"])
+    assert load_config(None, ["sample.sampler=ddim", "sample.eta=0.7"]).sample.eta == 0.7
+
+
+def test_sample_options_validate_when_constructed_directly():
+    from mnistdiff.config import SampleOptions
+
+    with pytest.raises(ConfigError, match="guidance: nan is not allowed"):
+        SampleOptions(guidance=float("nan"))
+    with pytest.raises(ConfigError, match="eta"):
+        SampleOptions(sampler="heun", eta=0.5)
+    assert SampleOptions(guidance_interval=[0.1, 0.9]).guidance_interval == (0.1, 0.9)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "euler", "heun", "dpmpp_2m", "unipc"])
+def test_record_reproduces_the_options(sampler):
+    from mnistdiff.config import SampleOptions
+    from mnistdiff.samplers import SAMPLERS
+
+    opts = SampleOptions(sampler=sampler, steps=7, guidance_interval=(0.1, 0.9), threshold="none")
+    record = opts.record()
+    common = {"sampler", "steps", "guidance", "guidance_rescale", "guidance_interval", "grid"}
+    own = {o.name for o in SAMPLERS[sampler].options}
+    assert set(record) == common | {"threshold"} | own
+    assert SampleOptions(**yaml.safe_load(yaml.safe_dump(record))) == opts
+
+
+def test_from_config_overrides_and_sampler_change():
+    from mnistdiff.config import SampleOptions
+
+    section = load_config(None, ["sample.sampler=ddim", "sample.eta=0.5"]).sample
+    assert SampleOptions.from_config(section).eta == 0.5
+    # the section's eta belongs to its ddim; another sampler starts from its own defaults
+    heun = SampleOptions.from_config(section, sampler="heun", s_churn=3)
+    assert heun.eta == 0.0 and heun.s_churn == 3.0
+    with pytest.raises(ConfigError, match=r"sample.eta .*'euler'.*option of ddim"):
+        SampleOptions.from_config(section, sampler="euler", eta=0.0)  # given explicitly
+    with pytest.raises(ConfigError, match="sample.steps: 0 is out of range"):
+        SampleOptions.from_config(section, steps=0)
+
+
+def test_choice_lists_are_the_registries():
+    from mnistdiff.config import DataConfig, DiffusionConfig, ModelConfig, SampleConfig, choices_of
+    from mnistdiff.data import DATASETS
+    from mnistdiff.guidance import THRESHOLD_MODES
+    from mnistdiff.losses import LOSSES
+    from mnistdiff.models import BACKBONES
+    from mnistdiff.parameterization import PREDICTIONS
+    from mnistdiff.samplers import SAMPLERS
+    from mnistdiff.schedules import SCHEDULE_NAMES, TIME_SAMPLINGS
+
+    def allowed(cls, name):
+        return tuple(choices_of({f.name: f.metadata for f in dataclasses.fields(cls)}[name]))
+
+    assert allowed(DataConfig, "dataset") == tuple(DATASETS)
+    assert allowed(ModelConfig, "type") == tuple(BACKBONES)
+    assert allowed(DiffusionConfig, "schedule") == tuple(SCHEDULE_NAMES)
+    assert allowed(DiffusionConfig, "prediction") == tuple(PREDICTIONS)
+    assert allowed(DiffusionConfig, "loss") == tuple(LOSSES)
+    assert allowed(DiffusionConfig, "time_sampling") == tuple(TIME_SAMPLINGS)
+    assert allowed(SampleConfig, "threshold") == tuple(THRESHOLD_MODES)
+    assert allowed(SampleConfig, "sampler") == tuple(SAMPLERS)
+
+
+def test_registering_a_backbone_or_sampler_makes_it_selectable(monkeypatch):
+    import torch
+
+    from mnistdiff.build import build_denoiser
+    from mnistdiff.data import DataSpec
+    from mnistdiff.models import BACKBONES
+    from mnistdiff.samplers import SAMPLERS
+
+    with pytest.raises(ConfigError, match="model.type: 'linear' is not allowed"):
+        load_config(None, ["model.type=linear"])
+
+    class Linear(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, x, noise_cond, labels=None):
+            return x * self.scale
+
+    monkeypatch.setitem(BACKBONES, "linear", lambda cfg, spec: Linear())
+    monkeypatch.setitem(SAMPLERS, "ddim_copy", SAMPLERS["ddim"])
+    cfg = load_config(None, ["model.type=linear", "sample.sampler=ddim_copy", "sample.eta=0.3"])
+    den = build_denoiser(cfg, DataSpec(channels=1, size=28, num_classes=10))
+    assert isinstance(den.backbone, Linear) and cfg.sample.eta == 0.3
+
+
+@pytest.mark.parametrize("section", ["train", "sample", "model"])
+def test_section_given_as_a_scalar(tmp_path, section):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"{section}: 5\n")
+    with pytest.raises(ConfigError, match=rf"^{section}: expected a mapping, got 5"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=rf"'{section}' must be a section.*got 5"):
+        load_config(path, [f"{section}.x=1"])

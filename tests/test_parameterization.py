@@ -92,3 +92,46 @@ def test_min_snr_makes_objectives_equivalent():
 def test_unknown_prediction():
     with pytest.raises(ValueError, match="allowed"):
         prediction_target("noise", torch.zeros(1), torch.zeros(1), torch.ones(1), torch.ones(1))
+
+
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+def test_edm_form_every_prediction(prediction):
+    """x0_hat = c_skip x_t + c_out pred, and the target is the pred that recovers x0 exactly."""
+    from mnistdiff.parameterization import coefficients
+
+    g = torch.Generator().manual_seed(2)
+    t = torch.rand(16, 1, generator=g, dtype=torch.float64) * 0.98 + 0.01
+    alpha, sigma = _flow(t) if prediction == "velocity" else _vp(t)
+    x0, eps, pred = (torch.randn(16, 3, generator=g, dtype=torch.float64) for _ in range(3))
+    x_t = alpha * x0 + sigma * eps
+    c_skip, c_out = coefficients(prediction, alpha, sigma)
+    torch.testing.assert_close(
+        x0_from_prediction(prediction, pred, x_t, alpha, sigma), c_skip * x_t + c_out * pred
+    )
+    target = prediction_target(prediction, x0, eps, alpha, sigma)
+    torch.testing.assert_close(c_skip * x_t + c_out * target, x0)
+    torch.testing.assert_close(x0_error_scale(prediction, alpha, sigma), c_out)
+
+
+def test_a_new_prediction_is_one_table_row(monkeypatch):
+    """Registering a row makes a prediction selectable, trainable and samplable."""
+    from mnistdiff.config import load_config
+    from mnistdiff.losses import diffusion_loss
+    from mnistdiff.parameterization import PARAMETERIZATIONS, Denoiser, Prediction
+    from mnistdiff.schedules import build_schedule
+
+    row = Prediction(lambda a, s: (1 / a, s / a), lambda x0, eps, a, s: -eps)  # minus the noise
+    monkeypatch.setitem(PARAMETERIZATIONS, "neg_eps", row)
+    assert load_config(None, ["diffusion.prediction=neg_eps"]).diffusion.prediction == "neg_eps"
+
+    class Oracle(torch.nn.Module):  # returns the exact target for a fixed (x0, eps)
+        def forward(self, x, t, labels=None):
+            return -eps
+
+    x0 = torch.randn(4, 1, 28, 28)
+    eps = torch.randn(4, 1, 28, 28)
+    t = torch.full((4,), 0.5)
+    den = Denoiser(Oracle(), build_schedule("cosine", 100), "neg_eps")
+    alpha, sigma = den.coefficients(t, x0)
+    assert diffusion_loss(den, x0, None, t, eps).abs().max() == 0.0
+    torch.testing.assert_close(den(alpha * x0 + sigma * eps, t), x0, atol=1e-5, rtol=1e-5)

@@ -337,3 +337,30 @@ def test_registry_and_errors():
         euler(den, x, schedule, time_grid(schedule, "uniform", 3), s_churn=-1.0)
     with pytest.raises(ValueError, match="steps must be an integer"):
         nfe_for("ddim", 0)
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_declared_options_are_the_functions_keywords(name):
+    """The registry is the one declaration of sampler options: it must match each function."""
+    import inspect
+
+    info = SAMPLERS[name]
+    params = inspect.signature(info.fn).parameters
+    keywords = {
+        p
+        for p, v in params.items()
+        if v.kind is v.KEYWORD_ONLY and p not in ("generator", "callback")
+    }
+    assert keywords == {o.name for o in info.options}
+    for opt in info.options:
+        default = params[opt.name].default
+        assert opt.default == default or (opt.default is None and default == math.inf), opt.name
+        assert opt.lo <= (opt.default if opt.default is not None else opt.lo) <= opt.hi
+
+
+def test_sampler_options_are_declared_once():
+    from mnistdiff.samplers import sampler_options, samplers_taking
+
+    opts = sampler_options()
+    assert set(opts) == {"eta", "s_churn", "s_tmin", "s_tmax", "s_noise"}
+    assert samplers_taking("eta") == ["ddim"] and samplers_taking("s_churn") == ["euler", "heun"]

@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from . import __version__
 
@@ -37,21 +39,41 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="dotted override, e.g. --set train.lr=3e-4 (repeatable)",
     )
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--steps", type=int, help="total optimizer steps (beats --epochs)")
-    p.add_argument("--batch-size", type=int, help="global batch size")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--run-dir", help="output directory (default runs/<config name>)")
-    p.add_argument("--device", help="auto | cpu | cuda[:N] | mps")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--model-type", type=str.lower, choices=["unet", "dit"])
-    p.add_argument("--data-dir", help="folder with the IDX files (else $MNIST_DIR or cache)")
-    p.add_argument("--dataset", choices=["mnist", "fashion_mnist", "kmnist"])
+    helps = {
+        "steps": "total optimizer steps (beats --epochs)",
+        "batch_size": "global batch size",
+        "run_dir": "output directory (default runs/<config name>)",
+        "data_dir": "folder with the IDX files (else $MNIST_DIR or cache)",
+    }
+    for dest, key in COMMON_FLAGS.items():  # parsed and validated as the config key is
+        flag = "--" + dest.replace("_", "-")
+        p.add_argument(flag, type=_config_flag(key, flag), help=helps.get(dest))
+
+
+def _config_flag(key: str, flag: str) -> Callable[[str], Any]:
+    """An argparse ``type`` parsing ``flag`` as the config key ``section.name`` (same checks)."""
+
+    def parse(text: str) -> Any:
+        import typing
+
+        from .config import Config, ConfigError, parse_flag
+
+        *sections, name = key.split(".")
+        cls = Config
+        for section in sections:
+            cls = typing.get_type_hints(cls)[section]
+        try:
+            return parse_flag(cls, name, text, flag)
+        except ConfigError as exc:  # argparse names the flag itself
+            raise argparse.ArgumentTypeError(str(exc).removeprefix(f"{flag}: ")) from None
+
+    return parse
 
 
 def resolve_config(args: argparse.Namespace):
     """Config file + common flags + ``--set`` overrides (later wins), validated."""
+    import dataclasses
+
     from .config import apply_overrides, from_dict, load_yaml
     from .train import default_run_dir
 
@@ -63,10 +85,11 @@ def resolve_config(args: argparse.Namespace):
     }
     data = apply_overrides(data, flags)
     data = apply_overrides(data, args.overrides)
-    data.setdefault("train", {})
-    if data["train"].get("run_dir") is None:
-        data["train"]["run_dir"] = default_run_dir(args.config)
-    return from_dict(data)
+    cfg = from_dict(data)
+    if cfg.train.run_dir is None:
+        train = dataclasses.replace(cfg.train, run_dir=default_run_dir(args.config))
+        cfg = cfg.replace(train=train)
+    return cfg
 
 
 # --------------------------------------------------------------------------- commands
@@ -127,14 +150,16 @@ def cmd_sample(args) -> int:
     ctx = setup(args.device or "auto")
     device = str(ctx.device) if ctx.is_distributed else (args.device or "auto")
     pipe = Pipeline.load(args.checkpoint, device=device, use_ema=not args.no_ema)
+    options = sampling_overrides(args)
+    pipe.default_options(**options)  # an option the sampler does not take fails before sampling
     n_cls = pipe.spec.num_classes
     if args.unconditional or not pipe.conditional:
         labels, num, nrow = None, args.num or 64, 8
-    elif args.per_class:
+    elif args.per_class is not None:
         labels = label_tensor(per_class=args.per_class, num_classes=n_cls)
         num, nrow = len(labels), args.per_class
     else:
-        digits = [int(d) for d in args.digits.split(",")] if args.digits else None
+        digits = args.digits
         labels = label_tensor(digits, num=args.num, num_classes=n_cls)
         num = len(labels)
         nrow = num // len(set(labels.tolist())) if digits else max(1, num // n_cls)
@@ -156,25 +181,15 @@ def cmd_sample(args) -> int:
         batch_size=args.batch_size,
         progress=True,
         callback=keep_frames if args.gif else None,
-        sampler=args.sampler,
-        steps=args.steps,
-        nfe=args.nfe,
-        guidance=args.guidance,
-        eta=args.eta,
-        grid=args.grid,
-        threshold=args.threshold,
-        guidance_rescale=args.guidance_rescale,
-        guidance_interval=args.guidance_interval,
+        **options,
     )
     if result is None:  # not rank 0
         return 0
     images, nfe = result.preview, result.nfe
     save_grid(images, args.out, nrow=nrow, scale=2)
+    sampler = pipe.default_options(**options).sampler
     shown_note = "" if len(images) == num else f", {len(images)} shown"
-    print(
-        f"wrote {args.out} ({num} images{shown_note}, sampler "
-        f"{args.sampler or pipe.cfg.sample.sampler}, NFE {nfe} per image)"
-    )
+    print(f"wrote {args.out} ({num} images{shown_note}, sampler {sampler}, NFE {nfe} per image)")
     if args.save_npz:
         print(f"wrote {args.save_npz}")
     if args.gif:
@@ -258,10 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("data", help="download/verify the data, print statistics, write a grid")
-    p.add_argument("--dataset", default="mnist", choices=["mnist", "fashion_mnist", "kmnist"])
+    p.add_argument("--dataset", default="mnist", type=_config_flag("data.dataset", "--dataset"))
     p.add_argument("--data-dir", help="folder with the IDX files (else $MNIST_DIR or cache)")
     p.add_argument("--no-download", action="store_true", help="fail instead of downloading")
-    p.add_argument("--per-class", type=int, default=10, help="images per class in the grid")
+    p.add_argument("--per-class", type=positive_int, default=10, help="images per class in grid")
     p.add_argument("--out", default="real_digits.png", help="PNG grid path")
     p.set_defaults(func=cmd_data)
 
@@ -282,9 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="generate images from a checkpoint, run or export")
     p.add_argument("--checkpoint", required=True, help="checkpoint file, run dir or export dir")
     _add_sampling_args(p)
-    p.add_argument("--digits", help="comma-separated classes, e.g. 3,7")
-    p.add_argument("--per-class", type=int, help="a grid with N images of every class")
-    p.add_argument("--num", type=int, help="number of images")
+    p.add_argument("--digits", type=_digits, help="comma-separated classes, e.g. 3,7")
+    p.add_argument("--per-class", type=positive_int, help="a grid with N images of every class")
+    p.add_argument("--num", type=positive_int, help="number of images")
     p.add_argument("--unconditional", action="store_true")
     p.add_argument("--out", default="samples.png", help="PNG grid path")
     p.add_argument("--save-npz", help="also write images+labels as .npz")
@@ -331,34 +346,58 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sampler", help="ddpm | ddim | euler | heun | dpmpp_2m | dpmpp_3m | unipc")
-    p.add_argument("--steps", type=int, help="sampler steps")
-    p.add_argument("--nfe", type=int, help="pick the steps giving this many network evaluations")
-    p.add_argument("--guidance", type=float, help="CFG scale w (u + w(c-u)); 1 = conditional")
-    p.add_argument("--eta", type=float, help="DDIM eta")
-    p.add_argument("--grid", help="time grid: uniform | logsnr | karras | trailing | ...")
-    p.add_argument("--threshold", help="x0 refinement: none | clip | dynamic")
-    p.add_argument("--guidance-rescale", type=float, help="CFG-rescale factor phi in [0, 1]")
+    """One flag per field of the config's ``sample`` section (``--eta``, ``--s-churn``, ...),
+    parsed and validated as the config key is; plus ``--nfe``, ``--seed``, ``--device``."""
+    import dataclasses
+
+    from .config import SampleConfig, choices_of
+
+    for f in dataclasses.fields(SampleConfig):
+        choices = choices_of(f.metadata)
+        extra = f" ({' | '.join(map(str, choices))})" if choices else ""
+        flag = "--" + f.name.replace("_", "-")
+        p.add_argument(
+            flag,
+            type=_config_flag(f"sample.{f.name}", flag),
+            metavar="T_LO,T_HI" if f.name == "guidance_interval" else None,
+            help=f.metadata["help"] + extra,
+        )
     p.add_argument(
-        "--guidance-interval",
-        type=_interval,
-        metavar="T_LO,T_HI",
-        help="apply guidance only for t in [T_LO, T_HI]",
+        "--nfe", type=positive_int, help="pick the steps giving this many network evaluations"
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int)
     p.add_argument("--device", help="auto | cpu | cuda[:N] | mps")
     p.add_argument("--no-ema", action="store_true", help="use the raw (non-EMA) weights")
 
 
-def _interval(text: str) -> tuple[float, float]:
+def sampling_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The sampling options given on the command line (``nfe`` included), by name."""
+    import dataclasses
+
+    from .config import SampleOptions
+
+    names = [f.name for f in dataclasses.fields(SampleOptions)] + ["nfe"]
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
+def positive_int(text: str) -> int:
+    """An argparse ``type``: an integer >= 1 (counts: zero and negatives are refused)."""
     try:
-        lo, hi = (float(v) for v in text.split(","))
+        value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected T_LO,T_HI, got {text!r}") from None
-    if not 0 <= lo <= hi <= 1:
-        raise argparse.ArgumentTypeError(f"need 0 <= T_LO <= T_HI <= 1, got {text!r}")
-    return lo, hi
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _digits(text: str) -> list[int]:
+    try:
+        return [int(d) for d in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated class indices such as 3,7, got {text!r}"
+        ) from None
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

@@ -5,6 +5,12 @@ A config is a tree of frozen dataclasses (``Config`` with sections ``data``, ``m
 as plain dicts, then converted by :func:`from_dict`, which rejects unknown keys (suggesting the
 nearest valid one), wrong types and out-of-range values with a message naming the key.
 ``from_dict(to_dict(cfg)) == cfg`` holds exactly.
+
+Choice lists are read from the registries they name (samplers, backbones, schedules, ...), so
+registering a new entry makes it selectable. The ``sample`` section is :class:`SampleOptions`
+(plus ``batch_size``): its sampler-specific fields (``eta``, ``s_churn``, ...) are generated from
+the options each sampler declares in :data:`mnistdiff.samplers.SAMPLERS`, and the CLI flags of
+``sample``/``evaluate`` are generated from its fields (:func:`parse_flag` validates them).
 """
 
 from __future__ import annotations
@@ -12,8 +18,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import importlib
+import math
 import types
 import typing
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,31 +30,64 @@ from typing import Any
 import yaml
 
 from .atomic import atomic_write_text
-from .schedules import GRID_KINDS
+from .guidance import THRESHOLD_MODES
+from .losses import LOSSES
+from .parameterization import PARAMETERIZATIONS
+from .samplers import SAMPLERS, sampler_options, samplers_taking
+from .schedules import GRID_KINDS, SCHEDULE_NAMES, TIME_SAMPLINGS
 
 
 class ConfigError(ValueError):
     """A configuration key or value is invalid; the message names it and what is allowed."""
 
 
+Choices = tuple | Callable[[], Iterable]
+
+
 def _opt(
     default: Any,
     *,
-    choices: tuple | None = None,
+    choices: Choices | None = None,
     lo: float | None = None,
     hi: float | None = None,
-    help: str = "",
-) -> Any:  # noqa: A002
-    """A dataclass field carrying validation metadata (allowed choices, inclusive range)."""
-    meta = {"choices": choices, "lo": lo, "hi": hi, "help": help}
+    check: Callable[[Any], str | None] | None = None,
+    help: str = "",  # noqa: A002
+) -> Any:
+    """A dataclass field carrying validation metadata.
+
+    Args:
+        default: the default value (immutable).
+        choices: the allowed values, or a function returning them (a registry read when a
+            value is checked, so later registrations count).
+        lo: smallest allowed value (inclusive); also applies to the items of a tuple.
+        hi: largest allowed value (inclusive).
+        check: a rule on the whole (converted) value: returns what is wrong, or None.
+        help: one line for docs and ``--help``.
+    """
+    meta = {"choices": choices, "lo": lo, "hi": hi, "check": check, "help": help}
     if isinstance(default, (list, dict)):
         raise TypeError("mutable defaults are not allowed; use tuples")
     return field(default=default, metadata=meta)
 
 
+def _registry(module: str, name: str) -> Callable[[], tuple[str, ...]]:
+    """Choices read from ``module.name`` when checked (for registries that import this module)."""
+
+    def names() -> tuple[str, ...]:
+        return tuple(getattr(importlib.import_module(module), name))
+
+    return names
+
+
+def choices_of(meta: Any) -> tuple | None:
+    """The allowed values of a field's metadata (None: any value of the right type)."""
+    choices = meta.get("choices") if meta else None
+    return tuple(choices()) if callable(choices) else choices
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = _opt("mnist", choices=("mnist", "fashion_mnist", "kmnist"))
+    dataset: str = _opt("mnist", choices=_registry("mnistdiff.data", "DATASETS"))
     data_dir: str | None = _opt(None, help="IDX folder; else $MNIST_DIR (or $<NAME>_DIR), cache")
     download: bool = _opt(True, help="download missing files from the public mirrors")
     val_size: int = _opt(5000, lo=0, hi=59000, help="held-out training images for validation")
@@ -65,7 +107,9 @@ class UNetConfig:
 
 @dataclass(frozen=True)
 class DiTConfig:
-    size: str = _opt("small", choices=("tiny", "small", "base"), help="named size preset")
+    size: str = _opt(
+        "small", choices=_registry("mnistdiff.models.dit", "DIT_SIZES"), help="named size preset"
+    )
     patch_size: int = _opt(4, choices=(2, 4, 7, 8), help="must divide the image size")
     width: int | None = _opt(None, lo=16, hi=4096, help="overrides the preset")
     depth: int | None = _opt(None, lo=1, hi=64, help="overrides the preset")
@@ -77,7 +121,7 @@ class DiTConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    type: str = _opt("unet", choices=("unet", "dit"))
+    type: str = _opt("unet", choices=_registry("mnistdiff.models", "BACKBONES"))
     conditional: bool = _opt(True, help="class-conditional (with a null label for guidance)")
     unet: UNetConfig = field(default_factory=UNetConfig)
     dit: DiTConfig = field(default_factory=DiTConfig)
@@ -85,14 +129,12 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DiffusionConfig:
-    schedule: str = _opt("cosine", choices=("linear", "cosine", "sigmoid", "flow"))
-    prediction: str = _opt("eps", choices=("eps", "x0", "v", "velocity"))
+    schedule: str = _opt("cosine", choices=SCHEDULE_NAMES)
+    prediction: str = _opt("eps", choices=lambda: PARAMETERIZATIONS)
     num_timesteps: int = _opt(1000, lo=10, hi=100000)
-    loss: str = _opt("mse", choices=("mse", "l1"))
+    loss: str = _opt("mse", choices=LOSSES)
     min_snr_gamma: float = _opt(0.0, lo=0.0, hi=1000.0, help="0 disables min-SNR weighting")
-    time_sampling: str = _opt(
-        "uniform", choices=("uniform", "logit_normal"), help="training-time distribution"
-    )
+    time_sampling: str = _opt("uniform", choices=TIME_SAMPLINGS, help="training-time distribution")
     logit_mean: float = _opt(
         0.0, lo=-10.0, hi=10.0, help="logit_normal: mean of logit(t); > 0 = noisier"
     )
@@ -146,16 +188,116 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class SampleConfig:
-    sampler: str = _opt("dpmpp_2m", help="ddpm | ddim | euler | heun | dpmpp_2m | dpmpp_3m | unipc")
+class _SampleOptionsBase:
+    """The sampling options every sampler takes; see :class:`SampleOptions`."""
+
+    sampler: str = _opt("dpmpp_2m", choices=lambda: SAMPLERS, help="a registered sampler")
     steps: int = _opt(10, lo=1, hi=100000, help="dpmpp_2m at 10 NFE: best FD in the README sweep")
     guidance: float = _opt(2.0, lo=0.0, hi=100.0, help="u + w(c - u); 1 = plain conditional")
-    eta: float = _opt(0.0, lo=0.0, hi=1.0)
-    grid: str | None = _opt(None, choices=GRID_KINDS, help="time grid; null: the sampler's own")
-    threshold: str = _opt(
-        "clip", choices=("none", "clip", "dynamic"), help="x0 refinement while sampling"
+    guidance_rescale: float = _opt(0.0, lo=0.0, hi=1.0, help="CFG-rescale phi; 0 disables")
+    guidance_interval: tuple[float, ...] | None = _opt(
+        None,
+        lo=0.0,
+        hi=1.0,
+        check=lambda v: (
+            None if len(v) == 2 and v[0] <= v[1] else "expected [t_lo, t_hi], t_lo <= t_hi"
+        ),
+        help="[t_lo, t_hi]: guide only there; null: at every t",
     )
-    batch_size: int = _opt(500, lo=1, hi=100000)
+    grid: str | None = _opt(None, choices=GRID_KINDS, help="time grid; null: the sampler's own")
+    threshold: str = _opt("clip", choices=THRESHOLD_MODES, help="x0 refinement while sampling")
+
+    def __post_init__(self) -> None:
+        """Validate (and normalise, e.g. lists to tuples) when constructed directly, too."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = _convert(getattr(self, f.name), hints[f.name], f.name, f.metadata)
+            object.__setattr__(self, f.name, value)
+        _check_consistency(self)
+
+    def sampler_kwargs(self) -> dict[str, float]:
+        """Keyword options for the chosen sampler function (those set, i.e. not None)."""
+        info = SAMPLERS[self.sampler]
+        values = {o.name: getattr(self, o.name) for o in info.options}
+        return {k: v for k, v in values.items() if v is not None}
+
+    def record(self) -> dict[str, Any]:
+        """Every option needed to reproduce a result: the common ones and the chosen sampler's.
+
+        ``SampleOptions(**opts.record()) == opts``; values are plain (tuples become lists).
+        """
+        common = [f.name for f in dataclasses.fields(_SampleOptionsBase)]
+        names = common + [o.name for o in SAMPLERS[self.sampler].options]
+        out = {n: getattr(self, n) for n in names}
+        if out["guidance_interval"] is not None:
+            out["guidance_interval"] = list(out["guidance_interval"])
+        return out
+
+    @classmethod
+    def from_config(cls, cfg: _SampleOptionsBase, **overrides: Any) -> SampleOptions:
+        """The options a config's ``sample`` section describes; keyword overrides win.
+
+        Changing the sampler resets the section's sampler options the new sampler does not
+        take; an override of an option the chosen sampler does not take is an error.
+
+        Raises:
+            ConfigError: an invalid value, or an option that does not apply to the sampler.
+        """
+        names = [f.name for f in dataclasses.fields(SampleOptions)]
+        base = {n: getattr(cfg, n) for n in names}
+        sampler = overrides.get("sampler", base["sampler"])
+        if sampler in SAMPLERS:
+            takes = {o.name for o in SAMPLERS[sampler].options}
+            for name, opt in sampler_options().items():
+                if name in overrides and name not in takes:
+                    raise ConfigError(_not_applicable(name, overrides[name], sampler))
+                if name not in takes:
+                    base[name] = opt.default
+        return from_dict({**base, **overrides}, SampleOptions, "sample.")
+
+
+def _not_applicable(name: str, value: Any, sampler: str) -> str:
+    takes = samplers_taking(name)
+    return (
+        f"sample.{name} ({value!r}) does not apply to sampler {sampler!r}; it is an option of "
+        f"{', '.join(takes) if takes else 'no registered sampler'}"
+    )
+
+
+def _sampler_option_fields() -> list[tuple[str, Any, Any]]:
+    """One dataclass field per option declared in the sampler registry."""
+    out = []
+    for opt in sampler_options().values():
+        hint = float if opt.default is not None else float | None
+        takes = ", ".join(samplers_taking(opt.name))
+        meta = _opt(opt.default, lo=opt.lo, hi=opt.hi, help=f"{opt.help} ({takes} only)")
+        out.append((opt.name, hint, meta))
+    return out
+
+
+SampleOptions = dataclasses.make_dataclass(
+    "SampleOptions",
+    _sampler_option_fields(),
+    bases=(_SampleOptionsBase,),
+    frozen=True,
+)
+SampleOptions.__module__ = __name__
+SampleOptions.__doc__ = """How to sample: lives at the sample/evaluate boundary, never in the model.
+
+    The common fields (``sampler``, ``steps``, ``guidance``, ``guidance_rescale``,
+    ``guidance_interval``, ``grid``, ``threshold``) are declared in this module; one more field
+    per option a registered sampler declares (:class:`mnistdiff.samplers.SamplerOption`: ``eta``
+    for ddim; ``s_churn``, ``s_tmin``, ``s_tmax``, ``s_noise`` for euler and heun) follows from
+    :data:`mnistdiff.samplers.SAMPLERS`. An option the chosen sampler does not take must keep
+    its default. Construction validates every value (finite, in range, allowed).
+    """
+
+
+@dataclass(frozen=True)
+class SampleConfig(SampleOptions):
+    """The config's ``sample`` section: :class:`SampleOptions` plus the batch size."""
+
+    batch_size: int = _opt(500, lo=1, hi=100000, help="images per sampling batch")
 
 
 @dataclass(frozen=True)
@@ -229,8 +371,16 @@ def _convert(value: Any, hint: Any, key: str, meta: Any) -> Any:
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list of {args[0].__name__}, got {value!r}")
-        return tuple(_convert(v, args[0], f"{key}[{i}]", {}) for i, v in enumerate(value))
-    return _check_scalar(value, hint, key, meta)
+        item_meta = {**meta, "check": None}
+        value = tuple(_convert(v, args[0], f"{key}[{i}]", item_meta) for i, v in enumerate(value))
+    else:
+        value = _check_scalar(value, hint, key, meta)
+    problem = meta["check"](value) if meta and meta.get("check") else None
+    if problem:
+        raise ConfigError(
+            f"{key}: {problem}, got {list(value) if isinstance(value, tuple) else value!r}"
+        )
+    return value
 
 
 def _check_scalar(value: Any, hint: type, key: str, meta: Any) -> Any:
@@ -242,7 +392,9 @@ def _check_scalar(value: Any, hint: type, key: str, meta: Any) -> Any:
     ok = isinstance(value, hint) and not (hint in (int, float) and isinstance(value, bool))
     if not ok:
         raise ConfigError(f"{key}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
-    choices = meta.get("choices") if meta else None
+    if hint is float and not math.isfinite(value):
+        raise ConfigError(f"{key}: {value!r} is not allowed; expected a finite number")
+    choices = choices_of(meta)
     if choices is not None and value not in choices:
         raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {list(choices)}")
     lo = meta.get("lo") if meta else None
@@ -269,11 +421,45 @@ def _check_consistency(cfg: Any) -> None:
                 f"model.unet.attention_levels: {bad} out of range; levels are "
                 f"0..{len(cfg.channel_mults) - 1} (one per channel_mults entry)"
             )
+    if isinstance(cfg, _SampleOptionsBase):
+        _check_sample_options(cfg)
     if isinstance(cfg, TrainConfig) and cfg.batch_size % cfg.grad_accum:
         raise ConfigError(
             f"train.batch_size {cfg.batch_size} must be divisible by train.grad_accum "
             f"{cfg.grad_accum}"
         )
+
+
+def _check_sample_options(opts: Any) -> None:
+    takes = {o.name for o in SAMPLERS[opts.sampler].options}
+    for name, opt in sampler_options().items():
+        value = getattr(opts, name)
+        if name not in takes and value != opt.default:
+            raise ConfigError(_not_applicable(name, value, opts.sampler))
+
+
+def parse_flag(cls: type, name: str, text: str, flag: str | None = None) -> Any:
+    """Parse a command-line value for field ``name`` of ``cls`` and validate it like the config.
+
+    The text is read as YAML (as ``--set`` values are); a tuple field takes comma-separated
+    items. Errors name ``flag`` (default ``--<name>``).
+
+    Raises:
+        ConfigError: the value has the wrong type or is not allowed.
+    """
+    meta = {f.name: f.metadata for f in dataclasses.fields(cls)}[name]
+    hint = typing.get_type_hints(cls)[name]
+    flag = flag or "--" + name.replace("_", "-")
+    is_tuple = "tuple" in str(hint)
+    value = [_yaml_value(v) for v in text.split(",")] if is_tuple else _yaml_value(text)
+    return _convert(value, hint, flag, meta)
+
+
+def _yaml_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
 
 
 # --------------------------------------------------------------------------- files, overrides
@@ -322,7 +508,10 @@ def apply_overrides(data: dict, overrides: list[str] | dict[str, Any]) -> dict:
         for p in parts[:-1]:
             child = node.setdefault(p, {})
             if not isinstance(child, dict):
-                raise ConfigError(f"override {'.'.join(parts)}: '{p}' is not a section")
+                raise ConfigError(
+                    f"override {'.'.join(parts)}: '{p}' must be a section (a mapping of keys), "
+                    f"got {child!r}"
+                )
             node = child
         node[parts[-1]] = value
     return data

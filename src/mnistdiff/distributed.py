@@ -181,9 +181,7 @@ def wrap(denoiser: Denoiser, ctx: DistContext, compile_backbone: bool = False) -
         backbone = DistributedDataParallel(backbone, device_ids=ids)
     if backbone is denoiser.backbone:
         return denoiser
-    return Denoiser(
-        backbone, denoiser.schedule, denoiser.prediction, denoiser.num_classes, denoiser.image_shape
-    )
+    return denoiser.with_backbone(backbone)
 
 
 def maybe_no_sync(model: Denoiser, sync: bool):

@@ -2,11 +2,13 @@
 
 Protocol (also in the README): N generated images (default 2000; class-conditional models get
 N/10 of every class), compared in the shipped evaluator's feature space with the 10k MNIST test
-images. Every result records N, sampler, steps, NFE, guidance and seed.
+images. Every result records N, NFE, seed, batch size and every sampling option needed to
+reproduce it (:meth:`mnistdiff.SampleOptions.record`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import time
@@ -15,7 +17,9 @@ from typing import Any
 
 import torch
 
+from . import make_callable
 from .atomic import atomic_path, atomic_write_text
+from .config import ConfigError, SampleOptions, parse_flag
 from .data import load_dataset
 from .distributed import (
     DistContext,
@@ -35,7 +39,11 @@ from .likelihood import (  # noqa: F401  (re-exported: model-side metrics moved 
 from .metrics import image_metrics, real_data_floor, reference_stats
 from .sample import Pipeline, label_tensor, load_npz, sample_across_ranks, save_npz
 
-SWEEPABLE = ("guidance", "steps", "nfe", "sampler", "eta", "grid")
+# every scalar sampling option (each sampler's own included, e.g. eta) and nfe
+SWEEPABLE = (
+    *(f.name for f in dataclasses.fields(SampleOptions) if f.name != "guidance_interval"),
+    "nfe",
+)
 
 
 # --------------------------------------------------------------------------- sample quality
@@ -90,7 +98,7 @@ def evaluate_pipeline(
         seed=seed,
         batch_size=batch_size,
         progress=progress,
-        **opts.__dict__,
+        **opts.record(),
     )
     seconds = time.perf_counter() - t0  # wall time, including the gather on rank 0
     if not ctx.is_main:
@@ -104,13 +112,10 @@ def evaluate_pipeline(
         result["samples_file"] = str(save_samples)
     if inception:
         result.update(inception_fid(images, data_dir=pipe.cfg.data.data_dir))
+    result.update(opts.record())
     result.update(
-        sampler=opts.sampler,
-        steps=opts.steps,
         nfe=nfe,
         guidance=opts.guidance if pipe.conditional else None,
-        eta=opts.eta,
-        grid=opts.grid,
         seed=seed,
         batch_size=batch_size,
         world_size=ctx.world_size,
@@ -122,6 +127,44 @@ def evaluate_pipeline(
         ema=pipe.info.get("ema"),
     )
     return broadcast_object(result, ctx)
+
+
+def evaluate(
+    model: Pipeline | str | Path,
+    *,
+    num_samples: int = 2000,
+    seed: int = 0,
+    batch_size: int | None = None,
+    device: str = "auto",
+    progress: bool = False,
+    **options: Any,
+) -> dict[str, Any]:
+    """Sample-quality metrics of a model (``mnistdiff.evaluate(...)`` calls this).
+
+    Args:
+        model: a loaded :class:`~mnistdiff.sample.Pipeline`, or a run directory, checkpoint
+            or export directory to load (EMA weights) on ``device``.
+        num_samples: images to generate (balanced over classes when conditional).
+        seed: sampling seed; the images depend on it and on ``batch_size``.
+        batch_size: images per sampling batch (default: the model config's).
+        device: where to load ``model`` when it is a path.
+        progress: show a progress bar.
+        **options: sampling options overriding the model config's ``sample`` section
+            (:class:`~mnistdiff.config.SampleOptions` fields, or ``nfe``).
+
+    Returns:
+        ``fd_mnist``, ``kid``, ``precision``, ``recall``, ``class_accuracy`` (conditional
+        models), timings, and every option needed to reproduce the result.
+    """
+    pipe = model if isinstance(model, Pipeline) else Pipeline.load(model, device=device)
+    return evaluate_pipeline(
+        pipe,
+        num_samples=num_samples,
+        seed=seed,
+        batch_size=batch_size,
+        progress=progress,
+        **options,
+    )
 
 
 def inception_fid(images: torch.Tensor, *, data_dir=None) -> dict[str, Any]:
@@ -174,11 +217,21 @@ def parse_sweeps(specs: list[str]) -> dict[str, list]:
         name, values = spec.split("=", 1)
         if name not in SWEEPABLE:
             raise ValueError(f"--sweep {name!r}: not sweepable; allowed {list(SWEEPABLE)}")
-        cast = {"guidance": float, "eta": float, "steps": int, "nfe": int}.get(name, str)
-        out[name] = [cast(v) for v in values.split(",") if v]
+        out[name] = [_sweep_value(name, v) for v in values.split(",") if v]
     if "steps" in out and "nfe" in out:
         raise ValueError("sweep steps or nfe, not both")
     return out
+
+
+def _sweep_value(name: str, text: str) -> Any:
+    if name == "nfe":
+        if not text.isdigit() or int(text) < 1:
+            raise ValueError(f"--sweep nfe: expected whole numbers >= 1, got {text!r}")
+        return int(text)
+    try:
+        return parse_flag(SampleOptions, name, text, flag=f"--sweep {name}")
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def run_sweep(
@@ -194,8 +247,13 @@ def run_sweep(
     """Evaluate every combination of the swept values (cartesian product)."""
     rows = []
     names = list(sweeps)
-    for combo in itertools.product(*(sweeps[n] for n in names)):
-        options = {**base, **dict(zip(names, combo, strict=True))}
+    combos = [
+        {**base, **dict(zip(names, combo, strict=True))}
+        for combo in itertools.product(*(sweeps[n] for n in names))
+    ]
+    for options in combos:  # every combination is valid before any is sampled
+        pipe.default_options(**options)
+    for options in combos:
         row = evaluate_pipeline(
             pipe, num_samples=num_samples, seed=seed, batch_size=batch_size, **options
         )
@@ -331,7 +389,9 @@ def add_evaluate_args(p, add_sampling_args) -> None:
         help="score N real training images (the floor of every metric)",
     )
     add_sampling_args(p)
-    p.add_argument("--num-samples", type=int, default=2000, help="images to generate (N)")
+    from .cli import positive_int
+
+    p.add_argument("--num-samples", type=positive_int, default=2000, help="images (N)")
     p.add_argument(
         "--sweep",
         action="append",
@@ -351,7 +411,7 @@ def add_evaluate_args(p, add_sampling_args) -> None:
     )
     p.add_argument(
         "--model-metric-images",
-        type=int,
+        type=positive_int,
         default=1000,
         help="test images for --model-metrics (bits/dim uses at most 100)",
     )
@@ -406,17 +466,9 @@ def run_evaluate_cli(args) -> int:
 
 def _evaluate_checkpoint(args, sweeps: dict, ctx: DistContext) -> int:
     """``--checkpoint`` (one evaluation, a sweep or every checkpoint), split over ``ctx``."""
-    base = {
-        "sampler": args.sampler,
-        "steps": args.steps,
-        "nfe": args.nfe,
-        "guidance": args.guidance,
-        "eta": args.eta,
-        "grid": args.grid,
-        "threshold": args.threshold,
-        "guidance_rescale": args.guidance_rescale,
-        "guidance_interval": args.guidance_interval,
-    }
+    from .cli import sampling_overrides
+
+    base = sampling_overrides(args)
     device = str(ctx.device) if ctx.is_distributed else (args.device or "auto")
     log = print if ctx.is_main else _silent
     common = {"num_samples": args.num_samples, "seed": args.seed, "batch_size": args.batch_size}
@@ -487,3 +539,6 @@ def _report(rows: list[dict], args, sweeps: dict) -> int:
         plot = plot_rows(rows, sweeps, out_dir / f"{name}.png")
         print(f"wrote {out_dir / (name + '.md')} and {plot}")
     return 0
+
+
+make_callable(__name__, evaluate)  # mnistdiff.evaluate(model) == mnistdiff.evaluate.evaluate(model)

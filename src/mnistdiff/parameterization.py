@@ -7,49 +7,78 @@ With ``x_t = alpha * x0 + sigma * eps`` a network can predict
 * ``v``: ``alpha * eps - sigma * x0`` (Salimans & Ho 2022);
 * ``velocity``: ``d x_t / dt = eps - x0`` for rectified flow (alpha = 1 - t, sigma = t).
 
-This module is the only place that knows these conversions. Formulas are written for general
-(alpha, sigma), so they hold for variance-preserving schedules and for rectified flow alike.
+This module is the only place that knows these conversions: one row of
+:data:`PARAMETERIZATIONS` per prediction, in EDM's ``(c_skip, c_out)`` form, from which x0_hat,
+the loss's x0 error scale (min-SNR weights) and the likelihood's x0_hat all follow. Formulas are
+written for general (alpha, sigma), so they hold for variance-preserving schedules and for
+rectified flow alike.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import torch
 from torch import Tensor, nn
 
-PREDICTIONS = ("eps", "x0", "v", "velocity")
+
+class Prediction(NamedTuple):
+    """One parameterization in EDM's form (Karras et al. 2022, eq. 7).
+
+    ``coefficients(alpha, sigma) -> (c_skip, c_out)`` with ``x0_hat = c_skip x_t + c_out pred``
+    (so ``c_out`` maps a prediction error to the x0 error); ``target(x0, eps, alpha, sigma)`` is
+    the pred giving ``x0_hat = x0``, in closed form (exact where ``(x0 - c_skip x_t) / c_out``
+    would cancel; a test checks the identity for every row).
+    """
+
+    coefficients: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+    target: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
 
-def _check(prediction: str) -> None:
-    if prediction not in PREDICTIONS:
+def _vp_norm(alpha: Tensor, sigma: Tensor) -> Tensor:
+    return alpha**2 + sigma**2
+
+
+PARAMETERIZATIONS: dict[str, Prediction] = {
+    "eps": Prediction(lambda a, s: (1 / a, -s / a), lambda x0, eps, a, s: eps),
+    "x0": Prediction(
+        lambda a, s: (torch.zeros_like(a), torch.ones_like(a)), lambda x0, eps, a, s: x0
+    ),
+    "v": Prediction(
+        lambda a, s: (a / _vp_norm(a, s), -s / _vp_norm(a, s)),
+        lambda x0, eps, a, s: a * eps - s * x0,
+    ),
+    # rectified flow (alpha = 1 - t, sigma = t): d/dt [(1 - t) x0 + t eps] = eps - x0
+    "velocity": Prediction(lambda a, s: (torch.ones_like(a), -s), lambda x0, eps, a, s: eps - x0),
+}
+PREDICTIONS = tuple(PARAMETERIZATIONS)
+
+
+def _get(prediction: str) -> Prediction:
+    if prediction not in PARAMETERIZATIONS:
         raise ValueError(f"unknown prediction {prediction!r}; allowed: {list(PREDICTIONS)}")
+    return PARAMETERIZATIONS[prediction]
+
+
+def coefficients(prediction: str, alpha: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
+    """``(c_skip, c_out)`` with ``x0_hat = c_skip * x_t + c_out * pred``."""
+    return _get(prediction).coefficients(alpha, sigma)
 
 
 def prediction_target(
     prediction: str, x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor
 ) -> Tensor:
     """The regression target of ``prediction`` for clean ``x0`` and noise ``eps``."""
-    _check(prediction)
-    if prediction == "eps":
-        return eps
-    if prediction == "x0":
-        return x0
-    if prediction == "v":
-        return alpha * eps - sigma * x0
-    return eps - x0  # flow velocity: d/dt [(1 - t) x0 + t eps]
+    return _get(prediction).target(x0, eps, alpha, sigma)
 
 
 def x0_from_prediction(
     prediction: str, pred: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor
 ) -> Tensor:
     """Invert :func:`prediction_target`: the clean-image estimate implied by ``pred``."""
-    _check(prediction)
-    if prediction == "eps":
-        return (x_t - sigma * pred) / alpha
-    if prediction == "x0":
-        return pred
-    if prediction == "v":
-        return (alpha * x_t - sigma * pred) / (alpha**2 + sigma**2)
-    return x_t - sigma * pred  # velocity, with sigma = t
+    c_skip, c_out = coefficients(prediction, alpha, sigma)
+    return c_skip * x_t + c_out * pred
 
 
 def eps_from_x0(x0: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
@@ -58,15 +87,8 @@ def eps_from_x0(x0: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor
 
 
 def x0_error_scale(prediction: str, alpha: Tensor, sigma: Tensor) -> Tensor:
-    """``c`` with ``x0_hat - x0 = c * (pred - target)``: how a prediction error maps to x0."""
-    _check(prediction)
-    if prediction == "eps":
-        return -sigma / alpha
-    if prediction == "x0":
-        return torch.ones_like(alpha)
-    if prediction == "v":
-        return -sigma / (alpha**2 + sigma**2)
-    return -sigma
+    """``c`` with ``x0_hat - x0 = c * (pred - target)``: ``c_out`` of :func:`coefficients`."""
+    return coefficients(prediction, alpha, sigma)[1]
 
 
 def min_snr_weight(prediction: str, alpha: Tensor, sigma: Tensor, gamma: float) -> Tensor:
@@ -106,7 +128,7 @@ class Denoiser(nn.Module):
         image_shape: tuple[int, int, int] = (1, 28, 28),
     ):
         super().__init__()
-        _check(prediction)
+        _get(prediction)
         self.backbone = backbone
         self.schedule = schedule
         self.prediction = prediction
@@ -116,6 +138,11 @@ class Denoiser(nn.Module):
     @property
     def null_label(self) -> int:
         return self.num_classes
+
+    def with_backbone(self, backbone: nn.Module) -> Denoiser:
+        """The same parameterization around another backbone (EMA copy, DDP or compiled)."""
+        shape = self.image_shape
+        return Denoiser(backbone, self.schedule, self.prediction, self.num_classes, shape)
 
     def coefficients(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
         """``alpha_t, sigma_t`` as float32 tensors broadcastable against ``like`` ([B,1,1,1])."""

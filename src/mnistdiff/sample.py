@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from .build import build_denoiser, crop_to, original_size, seed_for
 from .checkpoint import load_checkpoint, read_export, resolve
-from .config import Config, SampleConfig, from_dict
+from .config import Config, SampleOptions, from_dict
 from .data import DataSpec, from_model_range
 from .device import Precision, select_device, select_precision
 from .distributed import DistContext, batch_shares, gather_rows, share_rows
@@ -25,44 +25,6 @@ from .guidance import classifier_free, thresholded, unconditional
 from .parameterization import Denoiser
 from .samplers import get_sampler, initial_sample, steps_for_nfe
 from .schedules import time_grid
-
-
-@dataclass(frozen=True)
-class SampleOptions:
-    """How to sample (lives only at the sample/evaluate boundary, never in the model).
-
-    Attributes:
-        sampler: a name from ``mnistdiff.samplers.SAMPLERS``.
-        steps: number of sampler steps (NFE depends on the sampler).
-        guidance: classifier-free scale ``w`` in ``u + w (c - u)``; 1 = plain conditional.
-        eta: DDIM stochasticity (0 = deterministic).
-        grid: time-grid kind, or None for the sampler's default.
-        threshold: x0 refinement: ``none``, ``clip`` or ``dynamic``.
-        guidance_rescale: CFG-rescale factor (0 disables).
-        guidance_interval: apply guidance only for t in this interval.
-    """
-
-    sampler: str = "ddim"
-    steps: int = 50
-    guidance: float = 1.0
-    eta: float = 0.0
-    grid: str | None = None
-    threshold: str = "clip"
-    guidance_rescale: float = 0.0
-    guidance_interval: tuple[float, float] | None = None
-
-    @classmethod
-    def from_config(cls, cfg: SampleConfig, **overrides) -> SampleOptions:
-        """The options a config's ``sample`` section describes; keyword overrides win."""
-        base = {
-            "sampler": cfg.sampler,
-            "steps": cfg.steps,
-            "guidance": cfg.guidance,
-            "eta": cfg.eta,
-            "grid": cfg.grid,
-            "threshold": cfg.threshold,
-        }
-        return cls(**{**base, **overrides})
 
 
 @dataclass(frozen=True)
@@ -97,10 +59,6 @@ def _denoise_fn(
             interval=opts.guidance_interval,
         )
     return thresholded(fn, opts.threshold)
-
-
-def _sampler_options(opts: SampleOptions) -> dict:
-    return {"eta": opts.eta} if opts.sampler == "ddim" else {}
 
 
 @torch.no_grad()
@@ -148,7 +106,7 @@ def generate(
             ts,
             generator=gen,
             callback=callback if b == 0 else None,
-            **_sampler_options(opts),
+            **opts.sampler_kwargs(),
         )
         outs.append(result.x.float().cpu())
         nfe = result.nfe  # per batch; identical for every batch
@@ -232,7 +190,22 @@ def label_tensor(
 
 
 class Pipeline:
-    """A loaded model ready to sample: ``mnistdiff.load(path).sample(labels=[7] * 16)``."""
+    """A loaded model ready to sample; ``mnistdiff.load(path)`` returns one.
+
+    Example::
+
+        pipe = mnistdiff.load("runs/quick")
+        images = pipe.sample([7] * 16, sampler="euler", steps=20, guidance=1.5)  # uint8 [16,28,28]
+
+    Attributes:
+        cfg: the config saved with the weights (its ``sample`` section gives the defaults).
+        spec: the data shape the model was trained on.
+        denoiser: the :class:`~mnistdiff.parameterization.Denoiser` (EMA weights by default).
+        device: where the model runs.
+        precision: the autocast policy used while sampling.
+        source: the resolved checkpoint or export path.
+        info: ``step``, ``epoch`` and whether the EMA weights were loaded.
+    """
 
     def __init__(
         self,
@@ -284,6 +257,8 @@ class Pipeline:
         """The config's sample section, with keyword overrides (None = keep).
 
         ``nfe=K`` picks the steps that give K network evaluations for the chosen sampler.
+        See :meth:`SampleOptions.from_config` for how a changed sampler treats the
+        section's sampler-specific options.
         """
         nfe = overrides.pop("nfe", None)
         chosen = {k: v for k, v in overrides.items() if v is not None}

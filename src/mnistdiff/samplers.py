@@ -467,6 +467,29 @@ SamplerFn = Callable[..., SampleResult]
 
 
 @dataclass(frozen=True)
+class SamplerOption:
+    """A keyword option of a sampler function, declared once in the registry.
+
+    Config keys (``sample.<name>``), CLI flags (``--<name>``), :class:`mnistdiff.SampleOptions`
+    fields and evaluation records are all derived from these declarations.
+
+    Attributes:
+        name: the sampler function's keyword argument.
+        default: its default value; None means "not set" (the keyword is not passed, so the
+            function's own default applies, e.g. an unbounded ``s_tmax``).
+        lo: smallest allowed value (inclusive).
+        hi: largest allowed value (inclusive).
+        help: one line for ``--help`` and the config docs.
+    """
+
+    name: str
+    default: float | None
+    lo: float
+    hi: float
+    help: str
+
+
+@dataclass(frozen=True)
 class SamplerInfo:
     """Registry entry.
 
@@ -476,6 +499,8 @@ class SamplerInfo:
         stochastic: whether the sampler draws noise with its default options.
         nfe: steps -> denoise calls (for grids that start with alpha > 0).
         steps_for_nfe: budget -> the largest steps whose NFE fits.
+        options: the keyword options ``fn`` takes beyond the common signature; any other
+            sampler option given with this sampler is an error.
     """
 
     fn: SamplerFn
@@ -483,6 +508,7 @@ class SamplerInfo:
     stochastic: bool
     nfe: Callable[[int], int]
     steps_for_nfe: Callable[[int], int]
+    options: tuple[SamplerOption, ...] = ()
 
 
 def _identity(n: int) -> int:
@@ -497,15 +523,45 @@ def _heun_steps(nfe: int) -> int:
     return (nfe + 1) // 2
 
 
+ETA = SamplerOption("eta", 0.0, 0.0, 1.0, "DDIM stochasticity: 0 deterministic, 1 = DDPM")
+CHURN = (
+    SamplerOption("s_churn", 0.0, 0.0, 1000.0, "Karras churn: noise added per step (0 = ODE)"),
+    SamplerOption("s_tmin", 0.0, 0.0, 1e6, "churn only where sigma_tilde >= s_tmin"),
+    SamplerOption("s_tmax", None, 0.0, 1e6, "churn only where sigma_tilde <= s_tmax; null: any"),
+    SamplerOption("s_noise", 1.0, 0.0, 10.0, "scale of the churn noise"),
+)
+
 SAMPLERS: dict[str, SamplerInfo] = {
     "ddpm": SamplerInfo(ddpm, "uniform", True, _identity, _identity),
-    "ddim": SamplerInfo(ddim, "uniform", False, _identity, _identity),
-    "euler": SamplerInfo(euler, "karras", False, _identity, _identity),
-    "heun": SamplerInfo(heun, "karras", False, _heun_nfe, _heun_steps),
+    "ddim": SamplerInfo(ddim, "uniform", False, _identity, _identity, (ETA,)),
+    "euler": SamplerInfo(euler, "karras", False, _identity, _identity, CHURN),
+    "heun": SamplerInfo(heun, "karras", False, _heun_nfe, _heun_steps, CHURN),
     "dpmpp_2m": SamplerInfo(dpmpp_2m, "logsnr", False, _identity, _identity),
     "dpmpp_3m": SamplerInfo(dpmpp_3m, "logsnr", False, _identity, _identity),
     "unipc": SamplerInfo(unipc, "logsnr", False, _identity, _identity),
 }
+
+
+def sampler_options() -> dict[str, SamplerOption]:
+    """Every option any registered sampler takes, by name (one declaration per name).
+
+    Raises:
+        ValueError: two samplers declare the same option name differently.
+    """
+    out: dict[str, SamplerOption] = {}
+    for name, info in SAMPLERS.items():
+        for opt in info.options:
+            if out.setdefault(opt.name, opt) != opt:
+                raise ValueError(
+                    f"sampler {name!r} declares option {opt.name!r} unlike another sampler; "
+                    "an option name must mean the same everywhere"
+                )
+    return out
+
+
+def samplers_taking(option: str) -> list[str]:
+    """Names of the registered samplers that take ``option``."""
+    return [n for n, info in SAMPLERS.items() if any(o.name == option for o in info.options)]
 
 
 def get_sampler(name: str) -> SamplerInfo:

@@ -21,7 +21,7 @@ from torch import nn
 from torch.profiler import record_function
 from tqdm import tqdm
 
-from . import distributed
+from . import distributed, make_callable
 from .build import (
     TrainData,
     build_denoiser,
@@ -573,13 +573,7 @@ def _with_weights(denoiser, ema):
     """A denoiser that uses the EMA backbone when EMA is on."""
     if ema is None:
         return denoiser
-    return type(denoiser)(
-        ema.model,
-        denoiser.schedule,
-        denoiser.prediction,
-        denoiser.num_classes,
-        denoiser.image_shape,
-    )
+    return denoiser.with_backbone(ema.model)
 
 
 def _sample_ema(cfg, denoiser, ema, data: TrainData, precision, num: int, per_class: int):
@@ -736,3 +730,6 @@ def _restore(
     progress.train_seconds = state.get("train_seconds", 0.0)
     log(f"resumed from {path} at step {progress.step} (epoch {progress.epoch})")
     return state
+
+
+make_callable(__name__, train)  # mnistdiff.train(cfg) == mnistdiff.train.train(cfg)
