@@ -13,10 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from conftest import ROOT, mnist_dir
 from mnistdiff import outputs, streaming
-from mnistdiff.atomic import atomic_write_text
+from mnistdiff.atomic import atomic_path, atomic_write_text
 from mnistdiff.build import build_denoiser
 from mnistdiff.cli import main
 from mnistdiff.config import load_config
@@ -323,6 +324,9 @@ def test_written_files_follow_the_umask(tmp_path, umask, mode):
     old = os.umask(umask)
     try:
         atomic_write_text(tmp_path / "a.txt", "x")
+        with atomic_path(tmp_path / "b.safetensors") as tmp:  # a writer that recreates the file
+            save_file({"w": torch.zeros(2)}, str(tmp))
     finally:
         os.umask(old)
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == mode
+    assert (tmp_path / "b.safetensors").stat().st_mode & 0o777 == mode

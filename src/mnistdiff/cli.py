@@ -135,6 +135,19 @@ def cmd_train(args) -> int:
     return 0
 
 
+CHECKPOINT_HELP = "checkpoint file, run dir or export dir (default: the shipped pretrained model)"
+
+
+def checkpoint_or_pretrained(args) -> str:
+    """``--checkpoint``, or the shipped pretrained model, said in one line when it is used."""
+    if args.checkpoint is not None:
+        return args.checkpoint
+    from .pretrained import describe, verified_dir
+
+    print(describe())
+    return str(verified_dir())
+
+
 def cmd_sample(args) -> int:
     """Under torchrun every rank samples its share of the batches; rank 0 writes the files.
 
@@ -149,7 +162,7 @@ def cmd_sample(args) -> int:
     _check_sample_outputs(args)
     ctx = setup(args.device or "auto")
     device = str(ctx.device) if ctx.is_distributed else (args.device or "auto")
-    pipe = Pipeline.load(args.checkpoint, device=device, use_ema=not args.no_ema)
+    pipe = Pipeline.load(checkpoint_or_pretrained(args), device=device, use_ema=not args.no_ema)
     options = sampling_overrides(args)
     pipe.default_options(**options)  # an option the sampler does not take fails before sampling
     n_cls = pipe.spec.num_classes
@@ -295,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sample", help="generate images from a checkpoint, run or export")
-    p.add_argument("--checkpoint", required=True, help="checkpoint file, run dir or export dir")
+    p.add_argument("--checkpoint", help=CHECKPOINT_HELP)
     _add_sampling_args(p)
     p.add_argument("--digits", type=_digits, help="comma-separated classes, e.g. 3,7")
     p.add_argument("--per-class", type=positive_int, help="a grid with N images of every class")

@@ -84,18 +84,30 @@ def describe(directory: str | Path = PRETRAINED_DIR) -> str:
     )
 
 
-def build_asset(checkpoint: str | Path, out_dir: str | Path, info: dict[str, Any]) -> Path:
+def build_asset(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    info: dict[str, Any],
+    sample_overrides: dict[str, Any] | None = None,
+) -> Path:
     """Export ``checkpoint`` in fp16 into ``out_dir`` and write ``pretrained.json``.
 
     Args:
         checkpoint: run directory or ``.pt`` checkpoint (EMA weights are exported).
         out_dir: the asset directory to (re)write.
         info: recorded facts (``summary``, ``command``, ``machine``, measured ``metrics``).
+        sample_overrides: changes to the config's ``sample`` section (the measured best
+            sampling settings of this model), validated like any config.
     """
+    from .config import from_dict, to_dict
+
     out_dir = Path(out_dir)
     exported = read_export(export_checkpoint(checkpoint, out_dir))
+    config = exported["config"]
+    config["sample"] = {**config["sample"], **(sample_overrides or {})}
+    config = to_dict(from_dict(config))  # validated
     half = {k: v.half() if v.is_floating_point() else v for k, v in exported["weights"].items()}
-    write_export(out_dir, exported["config"], exported["data_spec"], half)
+    write_export(out_dir, config, exported["data_spec"], half)
     sums = {name: sha256_file(out_dir / name) for name in (EXPORT_CONFIG, EXPORT_WEIGHTS)}
     meta = {**info, "sha256": sums, "torch_version": torch.__version__}
     atomic_write_text(out_dir / METADATA, json.dumps(meta, indent=2) + "\n")

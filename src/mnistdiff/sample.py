@@ -224,13 +224,21 @@ class Pipeline:
     @classmethod
     def load(
         cls,
-        path: str | Path,
+        path: str | Path | None = None,
         *,
         device: str = "auto",
         use_ema: bool = True,
         precision: str | None = None,
     ) -> Pipeline:
-        """Rebuild from a run directory, a checkpoint file or an export directory."""
+        """Rebuild from a run directory, a checkpoint file or an export directory.
+
+        ``path=None`` loads the pretrained model shipped with the package
+        (:mod:`mnistdiff.pretrained`, SHA-256 checked).
+        """
+        if path is None:
+            from .pretrained import verified_dir
+
+            path = verified_dir()
         kind, resolved = resolve(path)
         if kind == "export":
             blob = read_export(resolved)
