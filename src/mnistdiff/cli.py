@@ -128,7 +128,7 @@ def cmd_sample(args) -> int:
     device = str(ctx.device) if ctx.is_distributed else (args.device or "auto")
     pipe = Pipeline.load(args.checkpoint, device=device, use_ema=not args.no_ema)
     n_cls = pipe.spec.num_classes
-    if args.unconditional or not pipe.conditional:
+    if args.unconditional or not (pipe.conditional or args.classifier):
         labels, num, nrow = None, args.num or 64, 8
     elif args.per_class:
         labels = label_tensor(per_class=args.per_class, num_classes=n_cls)
@@ -165,6 +165,8 @@ def cmd_sample(args) -> int:
         threshold=args.threshold,
         guidance_rescale=args.guidance_rescale,
         guidance_interval=args.guidance_interval,
+        classifier=args.classifier,
+        classifier_scale=args.classifier_scale,
     )
     if result is None:  # not rank 0
         return 0
@@ -324,11 +326,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_train_evaluator)
+    _add_train_classifier_parser(sub)
     return parser
 
 
+# --- classifier guidance (noisy classifier): `train-classifier`; sampling flags below
+def _add_train_classifier_parser(sub) -> None:
+    from .noisy_classifier import DEFAULT_MINUTES, DEFAULT_STEPS
+
+    p = sub.add_parser(
+        "train-classifier", help="train a noisy classifier on a run's schedule (for guidance)"
+    )
+    p.add_argument("--checkpoint", required=True, help="checkpoint file, run dir or export dir")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="maximum optimizer steps")
+    p.add_argument("--minutes", type=float, default=DEFAULT_MINUTES, help="wall-time budget")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--out", help="FILE.safetensors (default RUN/classifier.safetensors)")
+    p.add_argument("--data-dir", help="folder with the IDX files (else the run's or $MNIST_DIR)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu | cuda[:N] | mps")
+    p.set_defaults(func=cmd_train_classifier)
+
+
+def cmd_train_classifier(args) -> int:
+    from .noisy_classifier import default_output, train_classifier
+
+    out = args.out or default_output(args.checkpoint)
+    meta = train_classifier(
+        args.checkpoint,
+        out=out,
+        steps=args.steps,
+        minutes=args.minutes,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        data_dir=args.data_dir,
+        device=args.device,
+    )
+    acc = meta["noised_test"].get("accuracy")
+    print(json.dumps({"out": str(out), "noised_test": meta["noised_test"]}, indent=2))
+    print(f"wrote {out} (+ .json); noised test accuracy {acc}", file=sys.stderr)
+    return 0
+
+
+def _add_classifier_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--classifier", help="noisy classifier FILE.safetensors for classifier guidance")
+    p.add_argument("--classifier-scale", type=float, help="classifier-guidance scale s (default 1)")
+
+
+# --- end classifier guidance
+
+
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sampler", help="ddpm | ddim | euler | heun | dpmpp_2m | dpmpp_3m | unipc")
+    p.add_argument(
+        "--sampler", help="ddpm | ddim | euler | heun | dpmpp_2m | dpmpp_3m | unipc | sde_pc"
+    )
     p.add_argument("--steps", type=int, help="sampler steps")
     p.add_argument("--nfe", type=int, help="pick the steps giving this many network evaluations")
     p.add_argument("--guidance", type=float, help="CFG scale w (u + w(c-u)); 1 = conditional")
@@ -346,6 +397,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--device", help="auto | cpu | cuda[:N] | mps")
     p.add_argument("--no-ema", action="store_true", help="use the raw (non-EMA) weights")
+    _add_classifier_args(p)
 
 
 def _interval(text: str) -> tuple[float, float]:

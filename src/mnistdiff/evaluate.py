@@ -77,7 +77,7 @@ def evaluate_pipeline(
     opts = pipe.default_options(**options)
     batch_size = batch_size or pipe.cfg.sample.batch_size
     labels = None
-    if pipe.conditional:
+    if pipe.conditional or opts.classifier is not None:
         per = -(-num_samples // pipe.spec.num_classes)
         labels = label_tensor(per_class=per, num_classes=pipe.spec.num_classes)[:num_samples]
     barrier(ctx)  # time all ranks from a common start
@@ -109,6 +109,8 @@ def evaluate_pipeline(
         steps=opts.steps,
         nfe=nfe,
         guidance=opts.guidance if pipe.conditional else None,
+        classifier=opts.classifier,
+        classifier_scale=opts.classifier_scale if opts.classifier is not None else None,
         eta=opts.eta,
         grid=opts.grid,
         seed=seed,
@@ -416,6 +418,8 @@ def _evaluate_checkpoint(args, sweeps: dict, ctx: DistContext) -> int:
         "threshold": args.threshold,
         "guidance_rescale": args.guidance_rescale,
         "guidance_interval": args.guidance_interval,
+        "classifier": args.classifier,
+        "classifier_scale": args.classifier_scale,
     }
     device = str(ctx.device) if ctx.is_distributed else (args.device or "auto")
     log = print if ctx.is_main else _silent

@@ -21,7 +21,7 @@ from .config import Config, SampleConfig, from_dict
 from .data import DataSpec, from_model_range
 from .device import Precision, select_device, select_precision
 from .distributed import DistContext, batch_shares, gather_rows, share_rows
-from .guidance import classifier_free, thresholded, unconditional
+from .guidance import classifier_free, classifier_guided, thresholded, unconditional
 from .parameterization import Denoiser
 from .samplers import get_sampler, initial_sample, steps_for_nfe
 from .schedules import time_grid
@@ -40,6 +40,9 @@ class SampleOptions:
         threshold: x0 refinement: ``none``, ``clip`` or ``dynamic``.
         guidance_rescale: CFG-rescale factor (0 disables).
         guidance_interval: apply guidance only for t in this interval.
+        classifier: path of a noisy classifier (``mnistdiff train-classifier``) for classifier
+            guidance, or None. Works with unconditional models too (labels then required).
+        classifier_scale: classifier-guidance scale ``s`` (1 = Bayes-rule conditional).
     """
 
     sampler: str = "ddim"
@@ -50,6 +53,8 @@ class SampleOptions:
     threshold: str = "clip"
     guidance_rescale: float = 0.0
     guidance_interval: tuple[float, float] | None = None
+    classifier: str | None = None
+    classifier_scale: float = 1.0
 
     @classmethod
     def from_config(cls, cfg: SampleConfig, **overrides) -> SampleOptions:
@@ -80,6 +85,7 @@ def _denoise_fn(
     opts: SampleOptions,
     conditional: bool,
     precision: Precision,
+    classifier=None,
 ) -> Callable:
     def model(x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         with precision.autocast(x.device):
@@ -96,7 +102,23 @@ def _denoise_fn(
             rescale=opts.guidance_rescale,
             interval=opts.guidance_interval,
         )
+    if classifier is not None:
+        fn = classifier_guided(fn, classifier, labels, opts.classifier_scale, denoiser.schedule)
     return thresholded(fn, opts.threshold)
+
+
+def _load_guidance_classifier(denoiser: Denoiser, opts: SampleOptions, labels: Tensor | None):
+    """The checked classifier of ``opts.classifier`` on the model's device, or None."""
+    if opts.classifier is None:
+        return None
+    from .noisy_classifier import check_compatible, load_classifier
+
+    if labels is None:
+        raise ValueError("classifier guidance needs labels: give the digits to steer to")
+    device = next(denoiser.parameters()).device
+    classifier = load_classifier(opts.classifier, device)
+    check_compatible(classifier, denoiser.schedule, denoiser.image_shape, denoiser.num_classes)
+    return classifier
 
 
 def _sampler_options(opts: SampleOptions) -> dict:
@@ -132,6 +154,7 @@ def generate(
     info = get_sampler(opts.sampler)
     ts = time_grid(denoiser.schedule, opts.grid or info.default_grid, opts.steps)
     spec_shape = denoiser.image_shape
+    classifier = _load_guidance_classifier(denoiser, opts, labels)
     outs, nfe = [], 0
     for b in tqdm(batches, desc="sampling", disable=not progress, leave=False):
         start = b * batch_size
@@ -139,7 +162,7 @@ def generate(
         gen = torch.Generator(device=device).manual_seed(seed_for(seed, b))
         noise = torch.randn((n, *spec_shape), generator=gen, device=device)
         y = None if labels is None else labels[start : start + n].to(device)
-        fn = _denoise_fn(denoiser, y, opts, conditional, precision)
+        fn = _denoise_fn(denoiser, y, opts, conditional, precision, classifier)
         x = initial_sample(denoiser.schedule, ts, noise)
         result = info.fn(
             fn,
@@ -308,8 +331,11 @@ class Pipeline:
         if labels is not None:
             labels = torch.as_tensor(labels, dtype=torch.long)
             num = len(labels)
-            if not self.conditional:
-                raise ValueError("this model is unconditional: sample without labels")
+            if not self.conditional and opts.classifier is None:
+                raise ValueError(
+                    "this model is unconditional: sample without labels, or steer it with a "
+                    "noisy classifier (classifier=FILE, `mnistdiff train-classifier`)"
+                )
             if ((labels < 0) | (labels >= self.spec.num_classes)).any():
                 raise ValueError(f"labels must be in 0..{self.spec.num_classes - 1}")
         if num is None:
