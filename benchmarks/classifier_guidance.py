@@ -12,7 +12,7 @@
 
 Models: ``--uncond RUN`` and ``--cond RUN`` (run dirs, checkpoints or exports; the lead trains
 them, e.g. ``configs/quick.yaml`` with ``--set model.conditional=false`` for the first).
-``--tiny`` builds untrained smoke models and a 30-step classifier in a temporary folder and
+``--tiny`` builds untrained smoke models and a 10-step tiny classifier in a temporary folder and
 runs in about a minute; its numbers mean nothing. JSON on stdout (and ``--out``); progress on
 stderr. Example: ``python benchmarks/classifier_guidance.py --uncond runs/quick_uncond
 --cond runs/quick --num-samples 1000 --out cg.json``.
@@ -166,10 +166,10 @@ def main(argv: list[str] | None = None) -> int:
         if not args.classifier:
             log(f"training a noisy classifier for {args.classifier_minutes:g} min")
             t0 = time.perf_counter()
-            steps = 30 if args.tiny else 10**6
+            size = {"steps": 10, "batch_size": 16, "channels": (4, 8, 8), "eval_images": 100}
             meta = train_classifier(
-                uncond_path, out=clf, steps=steps, minutes=args.classifier_minutes,
-                eval_images=200 if args.tiny else 2000, seed=args.seed, progress=False,
+                uncond_path, out=clf, minutes=args.classifier_minutes, seed=args.seed,
+                progress=False, **(size if args.tiny else {"steps": 10**6}),
             )  # fmt: skip
             clf_info = {"trained_here": True, "seconds": time.perf_counter() - t0, **meta}
         else:

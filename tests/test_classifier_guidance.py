@@ -179,6 +179,9 @@ def test_save_load_round_trip_checksum_and_schedule_check(tmp_path):
 # --------------------------------------------------------------------------- on real MNIST
 
 
+TINY, STEPS = (8, 16, 16), 300  # a classifier small enough to train in seconds
+
+
 def _export(tmp, *overrides, name):
     """An export directory of an untrained smoke model (no training needed for these tests)."""
     from mnistdiff.build import build_denoiser
@@ -196,7 +199,7 @@ def _export(tmp, *overrides, name):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """(unconditional cosine export, its classifier, a flow export); the classifier is trained
-    for 200 steps on real MNIST."""
+    for a few seconds on real MNIST."""
     path = mnist_dir()
     if path is None:
         pytest.skip("real MNIST not available (set MNIST_DIR)")
@@ -205,7 +208,14 @@ def trained(tmp_path_factory):
     flow = _export(tmp, "diffusion.schedule=flow", "diffusion.prediction=velocity", name="flow")
     out = tmp / "clf.safetensors"
     meta = train_classifier(
-        uncond, out=out, steps=200, batch_size=64, eval_images=1000, progress=False
+        uncond,
+        out=out,
+        steps=STEPS,
+        batch_size=32,
+        channels=TINY,
+        lr=5e-3,
+        eval_images=500,
+        progress=False,
     )
     return uncond, out, meta, flow
 
@@ -213,24 +223,19 @@ def trained(tmp_path_factory):
 def test_trained_classifier_beats_chance_on_noised_test_images(trained):
     _, out, meta, _ = trained
     test = meta["noised_test"]
-    assert test["images"] == 1000 and meta["training"]["steps_done"] == 200
+    assert test["images"] == 500 and meta["training"]["steps_done"] == STEPS
     assert test["accuracy"] > 0.3, test  # chance is 0.1; the noisiest times stay near chance
-    assert test["accuracy_by_t"]["0.0-0.2"] > 0.7, test
+    assert test["accuracy_by_t"]["0.0-0.2"] > 0.5, test
     assert meta["schedule"] == {"name": "cosine", "num_timesteps": 100}
     assert load_classifier(out).checksum == meta["sha256"]
 
 
 def test_training_is_seeded(trained, tmp_path):
     uncond = trained[0]
-    a = train_classifier(
-        uncond, out=tmp_path / "a.safetensors", steps=3, eval_images=0, progress=False
-    )
-    b = train_classifier(
-        uncond, out=tmp_path / "b.safetensors", steps=3, eval_images=0, progress=False
-    )
-    c = train_classifier(
-        uncond, out=tmp_path / "c.safetensors", steps=3, eval_images=0, seed=1, progress=False
-    )
+    kw = {"steps": 3, "batch_size": 8, "channels": TINY, "eval_images": 0, "progress": False}
+    a = train_classifier(uncond, out=tmp_path / "a.safetensors", **kw)
+    b = train_classifier(uncond, out=tmp_path / "b.safetensors", **kw)
+    c = train_classifier(uncond, out=tmp_path / "c.safetensors", seed=1, **kw)
     assert a["sha256"] == b["sha256"] != c["sha256"]
 
 
@@ -272,7 +277,10 @@ def _cli(*args, cwd):
 
 def test_cli_train_classifier_and_sample(trained, tmp_path):
     uncond, out, _, flow = trained
-    proc = _cli("train-classifier", "--checkpoint", flow, "--steps", "2", cwd=tmp_path)
+    proc = _cli(
+        "train-classifier", "--checkpoint", flow, "--steps", "2", "--batch-size", "8",
+        "--eval-images", "0", cwd=tmp_path,
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     default = flow / "classifier.safetensors"
     assert json.loads(proc.stdout)["out"] == str(default) and default.with_suffix(".json").is_file()

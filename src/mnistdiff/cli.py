@@ -344,6 +344,7 @@ def _add_train_classifier_parser(sub) -> None:
     p.add_argument("--out", help="FILE.safetensors (default RUN/classifier.safetensors)")
     p.add_argument("--data-dir", help="folder with the IDX files (else the run's or $MNIST_DIR)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-images", type=int, default=2000, help="noised test images to score")
     p.add_argument("--device", default="cpu", help="cpu | cuda[:N] | mps")
     p.set_defaults(func=cmd_train_classifier)
 
@@ -360,9 +361,10 @@ def cmd_train_classifier(args) -> int:
         batch_size=args.batch_size,
         seed=args.seed,
         data_dir=args.data_dir,
+        eval_images=args.eval_images,
         device=args.device,
     )
-    acc = meta["noised_test"].get("accuracy")
+    acc = meta["noised_test"].get("accuracy", "not measured")
     print(json.dumps({"out": str(out), "noised_test": meta["noised_test"]}, indent=2))
     print(f"wrote {out} (+ .json); noised test accuracy {acc}", file=sys.stderr)
     return 0

@@ -36,6 +36,7 @@ FORMAT_VERSION = 1
 SIGMA_DATA = 0.62  # std of MNIST pixels in [-1, 1]
 DEFAULT_STEPS = 3000
 DEFAULT_MINUTES = 3.0
+DEFAULT_CHANNELS = (16, 32, 64)  # ~5.5 MMAC per image: cheap enough for minutes of CPU training
 
 
 class ClassifierError(ValueError):
@@ -72,7 +73,7 @@ class NoisyClassifier(nn.Module):
         self,
         schedule: Schedule,
         *,
-        channels: tuple[int, int, int] = (32, 64, 64),
+        channels: tuple[int, int, int] = DEFAULT_CHANNELS,
         num_classes: int = 10,
         in_channels: int = 1,
         image_size: int = 28,
@@ -314,6 +315,7 @@ def train_classifier(
     minutes: float = DEFAULT_MINUTES,
     batch_size: int = 128,
     lr: float = 2e-3,
+    channels: tuple[int, int, int] = DEFAULT_CHANNELS,
     seed: int = 0,
     data_dir: str | Path | None = None,
     eval_images: int = 2000,
@@ -337,6 +339,7 @@ def train_classifier(
         minutes: wall-time budget (> 0).
         batch_size: images per step.
         lr: peak learning rate.
+        channels: widths of the classifier's three stages.
         seed: seed of the weights, data order, times and noise.
         data_dir: MNIST folder (default: the run's ``data.data_dir``, else ``$MNIST_DIR``).
         eval_images: noised test images for the saved accuracy (0 skips the measurement).
@@ -369,6 +372,7 @@ def train_classifier(
     torch.manual_seed(seed)
     net = NoisyClassifier(
         schedule,
+        channels=tuple(channels),
         num_classes=spec.num_classes,
         in_channels=spec.channels,
         image_size=spec.size,
