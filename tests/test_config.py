@@ -187,7 +187,7 @@ def test_record_reproduces_the_options(sampler):
     record = opts.record()
     common = {"sampler", "steps", "guidance", "guidance_rescale", "guidance_interval", "grid"}
     own = {o.name for o in SAMPLERS[sampler].options}
-    assert set(record) == common | {"threshold"} | own
+    assert set(record) == common | {"threshold", "classifier", "classifier_scale"} | own
     assert SampleOptions(**yaml.safe_load(yaml.safe_dump(record))) == opts
 
 

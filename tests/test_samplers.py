@@ -14,6 +14,7 @@ from mnistdiff.samplers import (
     get_sampler,
     initial_sample,
     nfe_for,
+    predictor_corrector,
     steps_for_nfe,
 )
 from mnistdiff.schedules import SCHEDULE_NAMES, build_schedule, time_grid
@@ -60,9 +61,8 @@ def exact_flow(schedule, x, t_from, t_to):
 def run(name, schedule, ts, noise, seed=0, **options):
     x = initial_sample(schedule, ts, noise)
     gen = torch.Generator().manual_seed(seed)
-    return get_sampler(name).fn(
-        gaussian_denoiser(schedule), x, schedule, ts, generator=gen, **options
-    )
+    fn = predictor_corrector if "corrector_steps" in options else get_sampler(name).fn
+    return fn(gaussian_denoiser(schedule), x, schedule, ts, generator=gen, **options)
 
 
 CASES = [  # (sampler, options, steps)
@@ -76,6 +76,9 @@ CASES = [  # (sampler, options, steps)
     ("dpmpp_2m", {}, 50),
     ("dpmpp_3m", {}, 50),
     ("unipc", {}, 50),
+    ("sde_pc", {}, 200),
+    ("sde_pc", {"corrector_steps": 0}, 300),
+    ("sde_pc", {"corrector_steps": 2, "snr": 0.1}, 150),
 ]
 
 
@@ -288,13 +291,13 @@ def test_heun_from_alpha_zero_saves_one_call():
 
 @pytest.mark.parametrize("name", list(SAMPLERS))
 def test_steps_for_nfe_round_trip(name):
-    for budget in range(1, 30):
+    for budget in range(nfe_for(name, 1), 30):
         steps = steps_for_nfe(name, budget)
         assert nfe_for(name, steps) <= budget < nfe_for(name, steps + 1)
     for steps in range(1, 30):
         assert steps_for_nfe(name, nfe_for(name, steps)) == steps
-    with pytest.raises(ValueError, match="NFE budget >= 1"):
-        steps_for_nfe(name, 0)
+    with pytest.raises(ValueError, match=f"NFE budget >= {nfe_for(name, 1)}"):
+        steps_for_nfe(name, nfe_for(name, 1) - 1)
 
 
 @pytest.mark.parametrize(
@@ -304,6 +307,7 @@ def test_steps_for_nfe_round_trip(name):
         ("ddim", {"eta": 0.5}),
         ("euler", {"s_churn": 5.0}),
         ("heun", {"s_churn": 5.0, "s_noise": 1.003}),
+        ("sde_pc", {}),
     ],
 )
 def test_stochastic_seeds(name, options):
@@ -362,5 +366,50 @@ def test_sampler_options_are_declared_once():
     from mnistdiff.samplers import sampler_options, samplers_taking
 
     opts = sampler_options()
-    assert set(opts) == {"eta", "s_churn", "s_tmin", "s_tmax", "s_noise"}
+    assert set(opts) == {"eta", "s_churn", "s_tmin", "s_tmax", "s_noise", "snr"}
     assert samplers_taking("eta") == ["ddim"] and samplers_taking("s_churn") == ["euler", "heun"]
+
+
+@pytest.mark.parametrize("corrector_steps", [0, 1, 3])
+def test_sde_pc_counts_corrector_calls(corrector_steps):
+    """NFE = steps * (1 + corrector_steps): every Langevin step calls the model."""
+    for schedule_name in ("cosine", "flow"):
+        schedule = build_schedule(schedule_name, 1000)
+        for kind in ("karras", "uniform"):  # uniform on flow starts at alpha = 0
+            ts = time_grid(schedule, kind, 7)
+            calls = []
+            x = initial_sample(schedule, ts, torch.randn(4, *SHAPE))
+            res = predictor_corrector(
+                gaussian_denoiser(schedule, calls), x, schedule, ts, corrector_steps=corrector_steps
+            )
+            assert res.nfe == len(calls) == 7 * (1 + corrector_steps)
+            assert torch.isfinite(res.x).all()
+    assert nfe_for("sde_pc", 7) == 14  # the registered form: one corrector step per level
+
+
+def test_sde_pc_corrector_repairs_a_wrong_start():
+    """Langevin steps pull a start with the wrong spread back toward the true marginals."""
+    schedule = build_schedule("cosine", 1000)
+    ts = time_grid(schedule, "karras", 30)
+    noise = 2.0 * torch.randn(4000, *SHAPE, generator=torch.Generator().manual_seed(3))
+    errs = [
+        abs(run("sde_pc", schedule, ts, noise, corrector_steps=m, snr=0.3).x.std().item() - S)
+        for m in (0, 4)
+    ]
+    assert errs[1] < 0.5 * errs[0], errs
+
+
+def test_sde_pc_bad_options():
+    schedule = build_schedule("linear", 1000)
+    den, x, ts = (
+        gaussian_denoiser(schedule),
+        torch.zeros(2, *SHAPE),
+        time_grid(schedule, "uniform", 3),
+    )
+    with pytest.raises(ValueError, match="snr must be a finite number > 0"):
+        get_sampler("sde_pc").fn(den, x, schedule, ts, snr=0.0)
+    fn = predictor_corrector
+    with pytest.raises(ValueError, match="corrector_steps must be an integer >= 0"):
+        fn(den, x, schedule, ts, corrector_steps=-1)
+    with pytest.raises(ValueError, match="corrector_steps must be an integer >= 0"):
+        fn(den, x, schedule, ts, corrector_steps=1.5)

@@ -166,7 +166,7 @@ def cmd_sample(args) -> int:
     options = sampling_overrides(args)
     pipe.default_options(**options)  # an option the sampler does not take fails before sampling
     n_cls = pipe.spec.num_classes
-    if args.unconditional or not pipe.conditional:
+    if args.unconditional or not (pipe.conditional or args.classifier):
         labels, num, nrow = None, args.num or 64, 8
     elif args.per_class is not None:
         labels = label_tensor(per_class=args.per_class, num_classes=n_cls)
@@ -355,7 +355,51 @@ def build_parser() -> argparse.ArgumentParser:
     from .edit.cli import add_commands as add_edit_commands
 
     add_edit_commands(sub)  # edit <method>, compose
+    _add_train_classifier_parser(sub)
     return parser
+
+
+# --- classifier guidance (noisy classifier): `train-classifier`; sampling flags below
+def _add_train_classifier_parser(sub) -> None:
+    from .noisy_classifier import DEFAULT_MINUTES, DEFAULT_STEPS
+
+    p = sub.add_parser(
+        "train-classifier", help="train a noisy classifier on a run's schedule (for guidance)"
+    )
+    p.add_argument("--checkpoint", required=True, help="checkpoint file, run dir or export dir")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="maximum optimizer steps")
+    p.add_argument("--minutes", type=float, default=DEFAULT_MINUTES, help="wall-time budget")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--out", help="FILE.safetensors (default RUN/classifier.safetensors)")
+    p.add_argument("--data-dir", help="folder with the IDX files (else the run's or $MNIST_DIR)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-images", type=int, default=2000, help="noised test images to score")
+    p.add_argument("--device", default="cpu", help="cpu | cuda[:N] | mps")
+    p.set_defaults(func=cmd_train_classifier)
+
+
+def cmd_train_classifier(args) -> int:
+    from .noisy_classifier import default_output, train_classifier
+
+    out = args.out or default_output(args.checkpoint)
+    meta = train_classifier(
+        args.checkpoint,
+        out=out,
+        steps=args.steps,
+        minutes=args.minutes,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        data_dir=args.data_dir,
+        eval_images=args.eval_images,
+        device=args.device,
+    )
+    acc = meta["noised_test"].get("accuracy", "not measured")
+    print(json.dumps({"out": str(out), "noised_test": meta["noised_test"]}, indent=2))
+    print(f"wrote {out} (+ .json); noised test accuracy {acc}", file=sys.stderr)
+    return 0
+
+
+# --- end classifier guidance
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:

@@ -206,6 +206,10 @@ class _SampleOptionsBase:
     )
     grid: str | None = _opt(None, choices=GRID_KINDS, help="time grid; null: the sampler's own")
     threshold: str = _opt("clip", choices=THRESHOLD_MODES, help="x0 refinement while sampling")
+    classifier: str | None = _opt(
+        None, help="noisy classifier FILE.safetensors for classifier guidance (train-classifier)"
+    )
+    classifier_scale: float = _opt(1.0, lo=0.0, hi=1000.0, help="classifier-guidance scale s")
 
     def __post_init__(self) -> None:
         """Validate (and normalise, e.g. lists to tuples) when constructed directly, too."""
@@ -285,7 +289,8 @@ SampleOptions.__module__ = __name__
 SampleOptions.__doc__ = """How to sample: lives at the sample/evaluate boundary, never in the model.
 
     The common fields (``sampler``, ``steps``, ``guidance``, ``guidance_rescale``,
-    ``guidance_interval``, ``grid``, ``threshold``) are declared in this module; one more field
+    ``guidance_interval``, ``grid``, ``threshold``, ``classifier``, ``classifier_scale``) are
+    declared in this module; one more field
     per option a registered sampler declares (:class:`mnistdiff.samplers.SamplerOption`: ``eta``
     for ddim; ``s_churn``, ``s_tmin``, ``s_tmax``, ``s_noise`` for euler and heun) follows from
     :data:`mnistdiff.samplers.SAMPLERS`. An option the chosen sampler does not take must keep

@@ -85,7 +85,7 @@ def evaluate_pipeline(
     opts = pipe.default_options(**options)
     batch_size = batch_size or pipe.cfg.sample.batch_size
     labels = None
-    if pipe.conditional:
+    if pipe.conditional or opts.classifier is not None:
         per = -(-num_samples // pipe.spec.num_classes)
         labels = label_tensor(per_class=per, num_classes=pipe.spec.num_classes)[:num_samples]
     barrier(ctx)  # time all ranks from a common start

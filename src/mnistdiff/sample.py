@@ -21,7 +21,7 @@ from .config import Config, SampleOptions, from_dict
 from .data import DataSpec, from_model_range
 from .device import Precision, select_device, select_precision
 from .distributed import DistContext, batch_shares, gather_rows, share_rows
-from .guidance import classifier_free, thresholded, unconditional
+from .guidance import classifier_free, classifier_guided, thresholded, unconditional
 from .parameterization import Denoiser
 from .samplers import get_sampler, initial_sample, steps_for_nfe
 from .schedules import time_grid
@@ -42,6 +42,7 @@ def _denoise_fn(
     opts: SampleOptions,
     conditional: bool,
     precision: Precision,
+    classifier=None,
 ) -> Callable:
     def model(x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         with precision.autocast(x.device):
@@ -58,7 +59,23 @@ def _denoise_fn(
             rescale=opts.guidance_rescale,
             interval=opts.guidance_interval,
         )
+    if classifier is not None:
+        fn = classifier_guided(fn, classifier, labels, opts.classifier_scale, denoiser.schedule)
     return thresholded(fn, opts.threshold)
+
+
+def _load_guidance_classifier(denoiser: Denoiser, opts: SampleOptions, labels: Tensor | None):
+    """The checked classifier of ``opts.classifier`` on the model's device, or None."""
+    if opts.classifier is None:
+        return None
+    from .noisy_classifier import check_compatible, load_classifier
+
+    if labels is None:
+        raise ValueError("classifier guidance needs labels: give the digits to steer to")
+    device = next(denoiser.parameters()).device
+    classifier = load_classifier(opts.classifier, device)
+    check_compatible(classifier, denoiser.schedule, denoiser.image_shape, denoiser.num_classes)
+    return classifier
 
 
 @torch.no_grad()
@@ -90,6 +107,7 @@ def generate(
     info = get_sampler(opts.sampler)
     ts = time_grid(denoiser.schedule, opts.grid or info.default_grid, opts.steps)
     spec_shape = denoiser.image_shape
+    classifier = _load_guidance_classifier(denoiser, opts, labels)
     outs, nfe = [], 0
     for b in tqdm(batches, desc="sampling", disable=not progress, leave=False):
         start = b * batch_size
@@ -97,7 +115,7 @@ def generate(
         gen = torch.Generator(device=device).manual_seed(seed_for(seed, b))
         noise = torch.randn((n, *spec_shape), generator=gen, device=device)
         y = None if labels is None else labels[start : start + n].to(device)
-        fn = _denoise_fn(denoiser, y, opts, conditional, precision)
+        fn = _denoise_fn(denoiser, y, opts, conditional, precision, classifier)
         x = initial_sample(denoiser.schedule, ts, noise)
         result = info.fn(
             fn,
@@ -291,8 +309,11 @@ class Pipeline:
         if labels is not None:
             labels = torch.as_tensor(labels, dtype=torch.long)
             num = len(labels)
-            if not self.conditional:
-                raise ValueError("this model is unconditional: sample without labels")
+            if not self.conditional and opts.classifier is None:
+                raise ValueError(
+                    "this model is unconditional: sample without labels, or steer it with a "
+                    "noisy classifier (classifier=FILE, `mnistdiff train-classifier`)"
+                )
             if ((labels < 0) | (labels >= self.spec.num_classes)).any():
                 raise ValueError(f"labels must be in 0..{self.spec.num_classes - 1}")
         if num is None:
