@@ -11,12 +11,15 @@ lock held, no other process can be writing them.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 LOCK_FILE = ".train.lock"
+UNSUPPORTED = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)  # flock errors of lockless mounts
 
 # Temporary files of the atomic writes ``train`` makes (``atomic.atomic_path`` names a temp
 # ``.<target name>.<random>.tmp`` beside its target), relative to the run directory.
@@ -51,22 +54,35 @@ def lock_run_dir(run_dir: str | os.PathLike) -> Iterator[Path]:
     path = run_dir / LOCK_FILE
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            raise RunDirBusyError(
-                f"run directory {run_dir} is in use by another train process (PID {holder}); "
-                "wait for it to finish (or stop it), or choose another --run-dir"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        locked = _try_lock(fd, run_dir)
+        if locked:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         try:
             yield path
         finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
+            if locked:
+                fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+def _try_lock(fd: int, run_dir: Path) -> bool:
+    """Lock ``fd`` exclusively; False (with a warning) on a file system without locks."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+    except OSError as exc:
+        if exc.errno not in UNSUPPORTED:
+            raise
+        warnings.warn(f"{run_dir}: cannot lock the run directory ({exc})", stacklevel=4)
+        return False
+    raise RunDirBusyError(
+        f"run directory {run_dir} is in use by another train process (PID {holder}); "
+        "wait for it to finish (or stop it), or choose another --run-dir"
+    )
 
 
 def remove_stale_temps(run_dir: str | os.PathLike) -> list[Path]:

@@ -209,9 +209,6 @@ class DiffusionTask(TrainTask):
         )
 
 
-# --------------------------------------------------------------------------- state
-
-
 @dataclass
 class StepStats:
     """What one optimizer step reports (the same on every rank)."""
@@ -244,7 +241,7 @@ def next_batch(state: TrainState, images: Tensor, labels: Tensor) -> Batch:
         torch.manual_seed(seed_for(cfg.train.seed, step, ctx.rank))  # dropout etc.
         gen = step_generator(cfg.train.seed, step, 0, state.device)  # the same on every rank
         n = cfg.train.batch_size  # drawn for the global batch, then sharded
-        t = _training_times(cfg, state.model.schedule, n, gen)
+        t = _training_times(cfg, state.model.schedule, n, gen, state.device)
         noise = torch.randn((n, *images.shape[1:]), generator=gen, device=state.device)
         u = torch.rand(n, generator=gen, device=state.device)
         t, noise, u = (distributed.shard(v, ctx) for v in (t, noise, u))
@@ -322,13 +319,13 @@ def _skip_step(state: TrainState, loss: float) -> None:
     state.optimizer.zero_grad(set_to_none=True)
 
 
-def _training_times(cfg: Config, schedule, n: int, gen: torch.Generator) -> Tensor:
+def _training_times(cfg: Config, schedule, n: int, gen: torch.Generator, device) -> Tensor:
     d = cfg.diffusion
     return sample_training_times(
         schedule,
         n,
         gen,
-        gen.device,
+        device,
         kind=d.time_sampling,
         logit_mean=d.logit_mean,
         logit_std=d.logit_std,
@@ -551,7 +548,7 @@ def _start(
         cfg, data.spec, len(data.train_y), ctx=ctx, device=device, precision=precision, task=task
     )
     log(
-        f"{cfg.model.type}: {sum(p.numel() for p in state.model.parameters()) / 1e6:.2f}M "
+        f"{cfg.model.type}: {sum(p.numel() for p in state.model.backbone.parameters()) / 1e6:.2f}M "
         f"parameters; {len(data.train_y)} training / {len(data.val_y)} validation images"
     )
     if resume_path is not None:
@@ -646,7 +643,7 @@ def _validate(state: TrainState, run: _Run) -> None:
     for b in range(n_batches):
         x0 = data.val_x[b * bs : (b + 1) * bs].to(device)
         y = data.val_y[b * bs : (b + 1) * bs].to(device) if cfg.model.conditional else None
-        t = _training_times(cfg, model.schedule, len(x0), gen)
+        t = _training_times(cfg, model.schedule, len(x0), gen, device)
         noise = torch.randn(x0.shape, generator=gen, device=device)
         with state.precision.autocast(device):
             losses = state.task.loss(model, Batch(x0, y, t, noise))
