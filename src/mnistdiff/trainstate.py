@@ -193,9 +193,9 @@ class TrainState:
     """Everything a run carries from one step to the next.
 
     Saved in checkpoints (through :meth:`state_dict` only): the backbone weights, EMA, optimizer,
-    grad scaler, data position, :class:`Progress` and the step budget. The rest is how this
-    process runs them (device, precision, process group, task, signal flag) and is rebuilt from
-    the config on resume.
+    grad scaler, data position, :class:`Progress`, the step budget, and the task's name and
+    own state (``TrainTask.state_dict``). The rest is how this process runs them (device,
+    precision, process group, the task object, signal flag) and is rebuilt on resume.
 
     ``model`` is the one handle to the weights; ``forward_model`` is the same weights wrapped
     for the training forward pass (DDP and/or ``torch.compile``; ``model`` itself when neither
