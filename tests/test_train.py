@@ -1,12 +1,17 @@
+import errno
 import json
 import math
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import mnistdiff.train as train_mod
 from mnistdiff.checkpoint import load_checkpoint
+from mnistdiff.rundir import lock_run_dir
 from mnistdiff.train import (
     TrainingError,
     TrainingInterrupted,
@@ -289,3 +294,146 @@ def test_time_budget_refits_every_step(monkeypatch):
     later = [t for s, t, _ in fitted if 80 <= s < last]
     assert later == sorted(later, reverse=True) and later[0] < 155
     assert later[-1] - last <= 0.1 * last
+
+
+# --------------------------------------------------------------------------- reliability
+
+
+def test_nonfinite_loss_error_still_closes_the_logger(smoke_cfg, monkeypatch):
+    closed = []
+    real_close = train_mod.RunLogger.close
+
+    def close(self):
+        closed.append(self)
+        real_close(self)
+
+    monkeypatch.setattr(train_mod.RunLogger, "close", close)
+    _loss_hook(monkeypatch, 2, lambda out: out * float("nan"))
+    with pytest.raises(TrainingError, match="non-finite loss"):
+        train(smoke_cfg(), log=_quiet)
+    assert len(closed) == 1
+
+
+def test_periodic_checkpoint_records_its_own_validation(smoke_cfg):
+    run = train(smoke_cfg(), log=_quiet)  # validation and checkpoints at steps 3 and 6
+    step3 = load_checkpoint(run / "checkpoints" / "step_0000003.pt")
+    step6 = load_checkpoint(run / "checkpoints" / "step_0000006.pt")
+    val = {r["step"]: r["val_loss"] for r in step6["history"] if "val_loss" in r}
+    assert step3["best_value"] == val[3]  # was inf: the value from before step 3's validation
+    assert step6["best_value"] == min(val[3], val[6])
+    best = load_checkpoint(run / "checkpoints" / "best.pt")
+    assert best["best_value"] == min(val.values())
+
+
+def test_resume_removes_stale_temp_files(smoke_cfg):
+    cfg = smoke_cfg()
+    train(cfg, stop_after_steps=2, log=_quiet)
+    run = Path(cfg.train.run_dir)
+    stale = [
+        run / "checkpoints" / ".step_0000003.pt.k2j4h1.tmp",
+        run / "checkpoints" / ".last.pt.a8b7c6.tmp",
+        run / ".metrics.jsonl.zz91.tmp",
+    ]
+    kept = [run / "checkpoints" / "notes.tmp", run / ".eval.json.x1.tmp"]  # not train's
+    for path in stale + kept:
+        path.write_bytes(b"partial")
+    messages = []
+    train(cfg, resume="auto", log=messages.append)
+    assert not any(p.exists() for p in stale)
+    assert all(p.exists() for p in kept)
+    assert any("removed 3 temporary file(s)" in m for m in messages)
+
+
+_HOLD_LOCK = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.ftruncate(fd, 0)
+os.write(fd, str(os.getpid()).encode())
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def test_second_writer_is_refused_until_the_holder_dies(smoke_cfg, tmp_path):
+    cfg = smoke_cfg()
+    run = Path(cfg.train.run_dir)
+    run.mkdir(parents=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_LOCK, str(run / ".train.lock")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(TrainingError) as info:
+            train(cfg, log=_quiet)
+        assert f"run directory {run} is in use" in str(info.value)
+        assert f"PID {holder.pid}" in str(info.value)
+        assert not (run / "checkpoints").exists() and not (run / "config.yaml").exists()
+    finally:
+        holder.kill()  # as a crash would: the kernel drops its lock
+        holder.wait()
+    train(cfg, log=_quiet)
+    with lock_run_dir(run):  # released on exit
+        pass
+
+
+def test_disk_full_names_the_intact_checkpoint(smoke_cfg, monkeypatch):
+    import mnistdiff.checkpoint as ckpt
+
+    real = ckpt.atomic_write_bytes
+
+    def full_at_step_6(target, data):
+        if target.name != "step_0000006.pt":
+            return real(target, data)
+        with ckpt.atomic_path(target) as tmp:
+            tmp.write_bytes(data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "atomic_write_bytes", full_at_step_6)
+    cfg = smoke_cfg()
+    ckpt_dir = Path(cfg.train.run_dir) / "checkpoints"
+    with pytest.raises(TrainingError) as info:
+        train(cfg, log=_quiet)
+    assert str(info.value).startswith(
+        f"disk full while writing {ckpt_dir / 'step_0000006.pt'}; "
+        f"last good checkpoint {ckpt_dir / 'last.pt'} is intact"
+    )
+    assert load_checkpoint(ckpt_dir / "last.pt")["step"] == 3
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["best.pt", "last.pt", "step_0000003.pt"]
+
+
+class _HalfLoss(train_mod.DiffusionTask):
+    """A task with another loss: half the diffusion loss, plus a counter kept in checkpoints."""
+
+    name = "half"
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def loss(self, model, batch):
+        self.calls += 1
+        return 0.5 * super().loss(model, batch)
+
+    def state_dict(self):
+        return {"calls": self.calls}
+
+    def load_state_dict(self, state):
+        self.calls = state["calls"]
+
+
+def test_another_task_reuses_the_loop(smoke_cfg):
+    plain = train(smoke_cfg("train.log_every=1", name="plain"), log=_quiet)
+    task = _HalfLoss()
+    run = train(smoke_cfg("train.log_every=1", name="half"), task=task, log=_quiet)
+    a = load_checkpoint(plain / "checkpoints" / "last.pt")
+    b = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert b["task"] == {"name": "half", "state": {"calls": task.calls}} and task.calls >= 6
+    assert a["task"]["name"] == "diffusion"
+    first_a = next(r["loss"] for r in a["history"] if "loss" in r)
+    first_b = next(r["loss"] for r in b["history"] if "loss" in r)
+    assert first_b == pytest.approx(0.5 * first_a, rel=1e-6)  # same weights, data, noise
+    with pytest.raises(TrainingError, match="trained by task 'half'"):
+        train(smoke_cfg("train.log_every=1", "train.steps=8", name="half"), resume="auto")

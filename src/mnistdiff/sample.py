@@ -16,8 +16,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 from .build import build_denoiser, crop_to, original_size, seed_for
-from .checkpoint import load_checkpoint, read_export, resolve
-from .config import Config, SampleOptions, from_dict
+from .checkpoint import checkpoint_config, load_checkpoint, load_weights, read_export, resolve
+from .config import Config, SampleOptions
 from .data import DataSpec, from_model_range
 from .device import Precision, select_device, select_precision
 from .distributed import DistContext, batch_shares, gather_rows, share_rows
@@ -266,11 +266,11 @@ class Pipeline:
             has_ema = blob.get("ema") is not None
             weights = blob["ema"]["model"] if use_ema and has_ema else blob["model"]
             info = {"step": blob["step"], "epoch": blob.get("epoch"), "ema": use_ema and has_ema}
-        cfg = from_dict(blob["config"])
+        cfg = checkpoint_config(blob, resolved)
         spec = DataSpec.from_dict(blob["data_spec"])
         dev = select_device(device)
         denoiser = build_denoiser(cfg, spec)
-        denoiser.backbone.load_state_dict(weights)
+        load_weights(denoiser.backbone, weights, resolved)
         denoiser.to(dev).eval()
         prec = select_precision(precision or _default_precision(cfg, dev), dev)
         return cls(cfg, spec, denoiser, dev, prec, resolved, info)

@@ -1,4 +1,17 @@
-"""Training: ``train(cfg) -> run_dir``. The loop is one visible function.
+"""Training: ``train(cfg) -> run_dir``. The loop is one visible function, :func:`_loop`.
+
+Pieces, each in one place:
+
+* :class:`TrainState`: the model, EMA, optimizer, grad scaler, data position, progress and step
+  budget. :meth:`TrainState.state_dict` / :meth:`TrainState.load_state_dict` are the only code
+  that writes and reads checkpoint state.
+* :func:`next_batch` draws this rank's share of the next global batch with the step's
+  randomness; :func:`train_step` does one optimizer step on it and returns :class:`StepStats`.
+* :func:`periodic_events`: logging, validation, previews, in-training evaluation, checkpoints.
+* :class:`TrainTask`: what is minimized. The default :class:`DiffusionTask` is the config's
+  diffusion loss; another objective (distillation) passes its own task,
+  ``train(cfg, task=MyTask(...))``, and reuses everything else: data order, randomness,
+  micro-batching, DDP, precision, optimizer, EMA, checkpoints, time budget and signals.
 
 Randomness of step ``s`` comes only from ``(seed, s)`` (dropout also from the rank) and the data
 order only from ``(seed, epoch)`` plus a saved position, so training N steps equals training k,
@@ -13,41 +26,74 @@ import contextlib
 import math
 import signal
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor
 from torch.profiler import record_function
 from tqdm import tqdm
 
 from . import distributed, make_callable
 from .build import (
     TrainData,
-    build_denoiser,
     crop_to,
     load_train_data,
     original_size,
     seed_for,
     step_generator,
 )
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .config import Config, diff, from_dict, save_config, to_dict
+from .checkpoint import (
+    DiskFullError,
+    checkpoint_config,
+    load_checkpoint,
+    save_checkpoint,
+)
+from .config import Config, diff, save_config
 from .data import from_model_range
 from .device import describe, select_device, select_precision
-from .ema import EMA
+from .distributed import DistContext
 from .images import make_grid, save_grid
 from .losses import diffusion_loss, loss_by_time_bin
+from .parameterization import Denoiser
+from .rundir import RunDirBusyError, lock_run_dir, remove_stale_temps
 from .sample import SampleOptions, generate, label_tensor
 from .schedules import sample_training_times
 from .tracking import RunLogger, plot_loss_curves
+from .trainstate import (  # re-exported: the public names of training live here
+    DEFAULT_TASK,
+    Progress,
+    StopFlag,
+    TimeBudget,
+    TrainingError,
+    TrainState,
+    build_optimizer,
+    load_optimizer_state,
+)
+
+__all__ = [
+    "Batch",
+    "DiffusionTask",
+    "Progress",
+    "StepStats",
+    "StopFlag",
+    "TimeBudget",
+    "TrainState",
+    "TrainTask",
+    "TrainingError",
+    "TrainingInterrupted",
+    "build_optimizer",
+    "load_optimizer_state",
+    "lr_at",
+    "next_batch",
+    "periodic_events",
+    "train",
+    "train_step",
+]
 
 # Sections that define the model: a resumed run must not change them.
 FROZEN_KEYS = ("model.", "diffusion.", "data.dataset", "data.val_size", "data.pad_to_32")
-
-
-class TrainingError(RuntimeError):
-    """Training cannot start or continue (message says why and what to do)."""
 
 
 class TrainingInterrupted(RuntimeError):
@@ -56,114 +102,6 @@ class TrainingInterrupted(RuntimeError):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
-
-
-@dataclass
-class Progress:
-    """Counters saved in every checkpoint."""
-
-    step: int = 0
-    epoch: int = 0
-    skipped_steps: int = 0
-    best_value: float = math.inf
-    history: list[dict] = field(default_factory=list)
-    train_seconds: float = 0.0  # wall-clock time spent in the loop, over all invocations
-
-
-class TimeBudget:
-    """Fit the run to a wall-clock budget (``train.time_budget_minutes``).
-
-    From ``CALIBRATION`` steps on, the average seconds per step so far (timed from step
-    ``SKIP``, so one-time start-up costs do not count) set the total number of steps, never
-    more than the configured epochs/steps, so that warmup and cosine decay span the budget. The
-    total is refitted every step: on a shared machine the speed drifts (seen: 330 images/s
-    during the warmup, 240 later), and a total fixed early would stop the cosine far from its
-    end. The total is saved in checkpoints and is the starting estimate on resume. The loop
-    also stops when the time is up, whatever the estimate said.
-
-    Every decision is a function of the step and of the elapsed seconds passed to
-    :meth:`update`; with several processes the loop passes the slowest rank's clock (agreed in
-    the per-step collective), so all ranks fit the same schedule and stop after the same step.
-    """
-
-    SKIP = 5
-    CALIBRATION = 20
-
-    def __init__(self, minutes: float | None, cap: int, warmup_steps: int = 0):
-        self.seconds = None if minutes is None else minutes * 60.0
-        self.cap = cap
-        self.warmup_steps = warmup_steps
-        self.announced = minutes is None
-        self.fitted_now = False  # True once, when the warmup ends (for the log)
-
-    def resume(self, saved: dict, total_steps: int) -> int:
-        """Start from the schedule length of the interrupted invocation."""
-        saved_total = saved.get("lr_schedule", {}).get("total_steps")
-        if self.seconds is not None and saved_total:
-            return min(saved_total, self.cap)
-        return total_steps
-
-    def start(self, progress: Progress) -> None:
-        self._t0, self._steps0 = time.perf_counter(), progress.step
-        self._elapsed_skip = 0.0
-        self._seconds0 = progress.train_seconds
-
-    def elapsed(self) -> float:
-        """Seconds since :meth:`start` on this process's clock."""
-        return time.perf_counter() - self._t0
-
-    def update(self, progress: Progress, total_steps: int, elapsed: float | None = None) -> int:
-        """Account ``elapsed`` seconds since start (default: this process's clock); return
-        the (possibly new) total number of steps."""
-        elapsed = self.elapsed() if elapsed is None else elapsed
-        progress.train_seconds = self._seconds0 + elapsed
-        self.fitted_now = False
-        if self.seconds is None:
-            return total_steps
-        if progress.train_seconds >= self.seconds:
-            return progress.step  # time is up: this step is the last
-        done = progress.step - self._steps0
-        if done == self.SKIP:
-            self._elapsed_skip = elapsed
-        if done < self.CALIBRATION:
-            return total_steps
-        rate = (done - self.SKIP) / (elapsed - self._elapsed_skip)  # steps per second
-        left = int((self.seconds - progress.train_seconds) * rate)
-        self.fitted_now = not self.announced and progress.step >= self.warmup_steps
-        self.announced |= self.fitted_now
-        return max(progress.step + 1, min(self.cap, progress.step + left))
-
-
-FUSED_ADAMW_DEVICES = ("cpu", "cuda")
-
-
-def build_optimizer(model: nn.Module, cfg, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over ``model``'s parameters; the fused kernel where PyTorch has one.
-
-    Fused AdamW does the whole update in one kernel instead of a chain of foreach ops (on the
-    quick recipe's CPU step: ~1 ms instead of ~4.5). Its moments are the plain AdamW ones;
-    :func:`load_optimizer_state` keeps this device's choice when a checkpoint is resumed.
-    """
-    return torch.optim.AdamW(
-        model.parameters(),
-        lr=cfg.lr,
-        weight_decay=cfg.weight_decay,
-        betas=(cfg.adam_beta1, cfg.adam_beta2),
-        fused=device.type in FUSED_ADAMW_DEVICES,
-    )
-
-
-def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Load a saved optimizer state, keeping this optimizer's own ``fused`` setting.
-
-    ``load_state_dict`` would copy the flag of the device that wrote the checkpoint (a CPU
-    run's ``fused=True`` onto a device without the kernel, an older run's unfused setting onto
-    a CPU).
-    """
-    fused = [group.get("fused") for group in optimizer.param_groups]
-    optimizer.load_state_dict(state)
-    for group, flag in zip(optimizer.param_groups, fused, strict=True):
-        group["fused"] = flag
 
 
 def lr_at(step: int, total_steps: int, cfg) -> float:
@@ -177,314 +115,211 @@ def lr_at(step: int, total_steps: int, cfg) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * frac))
 
 
-class _StopFlag:
-    """Catch SIGINT/SIGTERM: remember the signal, let the current step finish.
-
-    A second signal stops at once, unless it comes within ``grace`` seconds of the first: under
-    torchrun/SLURM a worker often receives the same SIGTERM twice (from the scheduler and from
-    the launcher), and that must not cancel the checkpoint write.
-    """
-
-    grace = 2.0
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._t = 0.0
-        self._old = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(ValueError):  # not in the main thread
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signum is not None:  # second signal: stop now
-            if time.monotonic() - self._t > self.grace:
-                raise KeyboardInterrupt
-            return
-        self.signum, self._t = signum, time.monotonic()
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
 def default_run_dir(config_path: str | None) -> str:
     """``runs/<config file stem>`` (or ``runs/default``)."""
     return f"runs/{Path(config_path).stem if config_path else 'default'}"
 
 
-def train(
-    cfg: Config, *, resume: str | None = None, stop_after_steps: int | None = None, log=print
-) -> Path:
-    """Train as ``cfg`` says; return the run directory.
+# --------------------------------------------------------------------------- what is minimized
 
-    Args:
-        cfg: the resolved config (``cfg.train.run_dir`` must be set).
-        resume: ``"auto"`` (continue ``run_dir`` if it has a checkpoint), a checkpoint path,
-            or None (start fresh; refuses a run directory that already has checkpoints).
-        stop_after_steps: end this invocation after this many optimizer steps, with a
-            checkpoint, as an interruption would.
-        log: where one-line messages go (rank 0 only).
+
+@dataclass
+class Batch:
+    """This rank's share of one global batch, with the step's randomness drawn for it.
+
+    Attributes:
+        x0: clean images ``[B, C, S, S]`` in [-1, 1].
+        labels: class labels ``[B]`` (the null label where dropped for guidance training), or
+            None for an unconditional model.
+        t: training times ``[B]`` in [0, 1].
+        noise: standard normal noise ``[B, C, S, S]``.
     """
-    ctx = distributed.setup(cfg.train.device)
-    log = log if ctx.is_main else (lambda *a, **k: None)
-    run_dir = Path(cfg.train.run_dir or default_run_dir(None))
-    ckpt_dir = run_dir / "checkpoints"
-    resume_path = _resume_path(resume, ckpt_dir)
 
-    device = ctx.device or select_device(cfg.train.device)
-    precision = select_precision(cfg.train.precision, device)
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
-    log(describe(device, precision))
+    x0: Tensor
+    labels: Tensor | None
+    t: Tensor
+    noise: Tensor
 
-    with distributed.local_main_first(ctx):  # one download per node
-        data = load_train_data(cfg)
-    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank and run
-    denoiser = build_denoiser(cfg, data.spec).to(device)
-    backbone = denoiser.backbone
-    log(
-        f"{cfg.model.type}: {sum(p.numel() for p in backbone.parameters()) / 1e6:.2f}M "
-        f"parameters; {len(data.train_y)} training / {len(data.val_y)} validation images"
-    )
-    optimizer = build_optimizer(backbone, cfg.train, device)
-    ema = (
-        EMA(
-            backbone,
-            cfg.train.ema_decay,
-            half_life=cfg.train.ema_half_life,
-            start_step=cfg.train.ema_start_step,
+    def split(self, size: int) -> list[Batch]:
+        """Consecutive micro-batches of ``size`` examples."""
+        return [
+            Batch(
+                self.x0[i : i + size],
+                None if self.labels is None else self.labels[i : i + size],
+                self.t[i : i + size],
+                self.noise[i : i + size],
+            )
+            for i in range(0, len(self.x0), size)
+        ]
+
+
+class TrainTask:
+    """What the training loop minimizes: the extension point for other objectives.
+
+    Subclass, set ``name``, implement :meth:`loss`, and pass an instance as
+    ``train(cfg, task=...)``. The loop calls ``loss`` on every micro-batch with the DDP/compile
+    wrapped model under autocast (gradients on), and on validation batches with the EMA model
+    (no gradients); it does the rest. A distillation task holds its teacher, loads it in
+    :meth:`prepare`, and computes a student-vs-teacher loss in :meth:`loss`. The task's ``name``
+    and :meth:`state_dict` are saved in checkpoints; resuming with another task is refused.
+    """
+
+    name = "task"
+
+    def loss(self, model: Denoiser, batch: Batch) -> Tensor:
+        """Per-example loss ``[B]`` of ``model`` on ``batch`` (deterministic given its inputs)."""
+        raise NotImplementedError
+
+    def prepare(self, model: Denoiser) -> None:
+        """Called once the model is built and on its device, before the optimizer and EMA copy
+        it (e.g. initialise a student from its teacher). On resume the checkpoint's weights
+        then replace whatever this set."""
+
+    def state_dict(self) -> dict:
+        """Plain data to keep in checkpoints (tensors, numbers, strings, lists, dicts)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+
+@dataclass
+class DiffusionTask(TrainTask):
+    """The default objective: the diffusion loss of the config (``diffusion.loss``, min-SNR)."""
+
+    loss_kind: str = "mse"
+    min_snr_gamma: float = 0.0
+    name = DEFAULT_TASK
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> DiffusionTask:
+        """The loss ``cfg.diffusion`` describes."""
+        return cls(cfg.diffusion.loss, cfg.diffusion.min_snr_gamma)
+
+    def loss(self, model: Denoiser, batch: Batch) -> Tensor:
+        """Per-example diffusion loss (see :func:`mnistdiff.losses.diffusion_loss`)."""
+        return diffusion_loss(
+            model,
+            batch.x0,
+            batch.labels,
+            batch.t,
+            batch.noise,
+            loss=self.loss_kind,
+            min_snr_gamma=self.min_snr_gamma,
         )
-        if cfg.train.ema
-        else None
-    )
-    batches = distributed.batch_iterator(
-        len(data.train_y), cfg.train.batch_size, cfg.train.seed, ctx
-    )
-    total_steps = cfg.train.steps or cfg.train.epochs * batches.batches_per_epoch
-    progress = Progress()
-    budget = TimeBudget(cfg.train.time_budget_minutes, total_steps, cfg.train.warmup_steps)
 
-    if resume_path is not None:
-        saved = _restore(resume_path, cfg, backbone, optimizer, ema, batches, progress, log)
-        total_steps = budget.resume(saved, total_steps)
-    elif ckpt_dir.exists() and any(ckpt_dir.glob("*.pt")):
+
+@dataclass
+class StepStats:
+    """What one optimizer step reports (the same on every rank)."""
+
+    loss: float  # mean loss over the global batch (non-finite if the step was skipped)
+    lr: float
+    grad_norm: float  # before clipping; nan on a skipped step
+    signum: int | None  # a stop signal that any rank received
+    elapsed: float  # the slowest rank's seconds since the loop started
+    bin_sums: Tensor  # loss summed per t bin (this rank)
+    bin_counts: Tensor
+
+    @property
+    def skipped(self) -> bool:
+        """The loss was not finite: no update was made."""
+        return not math.isfinite(self.loss)
+
+
+# --------------------------------------------------------------------------- one step
+
+
+def next_batch(state: TrainState, images: Tensor, labels: Tensor) -> Batch:
+    """This rank's share of the next global batch, with randomness from ``(seed, step)``.
+
+    Also seeds the global RNG for the step's dropout from ``(seed, step, rank)``.
+    """
+    cfg, step, ctx = state.cfg, state.progress.step, state.ctx
+    with record_function("train/data"):  # named phases for benchmarks/throughput.py
+        idx = state.batches.next_batch().to(state.device)
+        torch.manual_seed(seed_for(cfg.train.seed, step, ctx.rank))  # dropout etc.
+        gen = step_generator(cfg.train.seed, step, 0, state.device)  # the same on every rank
+        n = cfg.train.batch_size  # drawn for the global batch, then sharded
+        t = _training_times(cfg, state.model.schedule, n, gen, state.device)
+        noise = torch.randn((n, *images.shape[1:]), generator=gen, device=state.device)
+        u = torch.rand(n, generator=gen, device=state.device)
+        t, noise, u = (distributed.shard(v, ctx) for v in (t, noise, u))
+        y = _drop_labels(labels[idx], u, cfg, state.model.null_label)
+        return Batch(images[idx], y, t, noise)
+
+
+def train_step(state: TrainState, batch: Batch) -> StepStats:
+    """One optimizer step on ``batch`` (gradient accumulation over micro-batches).
+
+    The loss is agreed over ranks before the update, so every rank steps or skips together.
+
+    Raises:
+        TrainingError: the loss is not finite and ``train.nonfinite`` is ``stop`` (or too
+            many steps were skipped).
+    """
+    cfg, step = state.cfg.train, state.progress.step
+    lr = lr_at(step, state.total_steps, cfg)
+    for group in state.optimizer.param_groups:
+        group["lr"] = lr
+    state.optimizer.zero_grad(set_to_none=True)
+    micro = distributed.micro_batch_size(cfg.batch_size, cfg.grad_accum, state.ctx)
+    loss_sum, bin_sums, bin_counts = 0.0, torch.zeros(10, dtype=torch.float64), torch.zeros(10)
+    for k, mb in enumerate(batch.split(micro)):
+        sync = distributed.maybe_no_sync(state.forward_model, k == cfg.grad_accum - 1)
+        with sync, state.precision.autocast(state.device), record_function("train/forward"):
+            losses = state.task.loss(state.forward_model, mb)
+        loss = losses.mean() / cfg.grad_accum
+        with record_function("train/backward"):
+            (state.scaler.scale(loss) if state.scaler else loss).backward()
+        loss_sum += loss.item()
+        sums, counts = loss_by_time_bin(mb.t, losses)
+        bin_sums += sums
+        bin_counts += counts
+    loss_sum, signum, elapsed = distributed.agree_step(
+        loss_sum, state.stop.signum, state.budget.elapsed(), state.ctx
+    )
+    if math.isfinite(loss_sum):
+        grad_norm = _update(state, step)
+    else:
+        grad_norm = math.nan
+        _skip_step(state, loss_sum)
+    return StepStats(loss_sum, lr, grad_norm, signum, elapsed, bin_sums, bin_counts)
+
+
+def _update(state: TrainState, step: int) -> float:
+    """Unscale, clip, step the optimizer, update the EMA; return the gradient norm."""
+    with record_function("train/optimizer"):
+        if state.scaler:
+            state.scaler.unscale_(state.optimizer)
+        clip = state.cfg.train.grad_clip if state.cfg.train.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(state.model.backbone.parameters(), clip).item()
+        if state.scaler:
+            state.scaler.step(state.optimizer)
+            state.scaler.update()
+        else:
+            state.optimizer.step()
+    if state.ema is not None:
+        with record_function("train/ema"):
+            state.ema.update(state.model.backbone, step)
+    return grad_norm
+
+
+def _skip_step(state: TrainState, loss: float) -> None:
+    """Count a non-finite step (no update); stop with an error when the config says so."""
+    p, cfg = state.progress, state.cfg.train
+    p.skipped_steps += 1
+    if cfg.nonfinite == "stop" or p.skipped_steps > cfg.max_skipped_steps:
+        ckpt_dir = Path(cfg.run_dir or default_run_dir(None)) / "checkpoints"
         raise TrainingError(
-            f"{run_dir} already holds checkpoints; continue it with --resume auto, or choose "
-            "a new --run-dir"
+            f"non-finite loss ({loss}) at step {p.step}; the last good checkpoint in "
+            f"{ckpt_dir} is kept. Lower train.lr, enable train.grad_clip, or set "
+            "train.nonfinite=skip"
         )
-    if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-    logger = RunLogger(run_dir, enabled=ctx.is_main, tensorboard=cfg.train.tensorboard)
-    logger.reset(progress.history)
-
-    train_model = distributed.wrap(denoiser, ctx, cfg.train.compile)
-    scaler = torch.amp.GradScaler(device.type) if precision.grad_scaler else None
-    micro = distributed.micro_batch_size(cfg.train.batch_size, cfg.train.grad_accum, ctx)
-    x_all, y_all = data.train_x.to(device), data.train_y.to(device)
-
-    def save(tag: str | None = None) -> None:
-        if not ctx.is_main:
-            return
-        state = _checkpoint_state(
-            cfg, data, backbone, ema, optimizer, batches, progress, total_steps
-        )
-        _write_checkpoints(state, ckpt_dir, tag, progress, cfg.train.keep_last, cfg.train.best_by)
-
-    start_step, t_start = progress.step, time.perf_counter()
-    budget.start(progress)
-    window = {
-        "loss": 0.0,
-        "n": 0,
-        "t0": time.perf_counter(),
-        "images": 0,
-        "bins": torch.zeros(10, dtype=torch.float64),
-        "counts": torch.zeros(10),
-    }
-    bar = tqdm(
-        total=total_steps,
-        initial=progress.step,
-        desc="train",
-        unit="step",
-        disable=not (ctx.is_main and cfg.train.progress),
-        dynamic_ncols=True,
-    )
-    stopped_by = None
-    with _StopFlag() as stop:
-        while progress.step < total_steps:
-            step = progress.step
-            epoch_before = batches.epoch
-            lr = lr_at(step, total_steps, cfg.train)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-
-            # ---- one optimizer step (grad accumulation over micro-batches)
-            with record_function("train/data"):  # named phases for benchmarks/throughput.py
-                idx = batches.next_batch().to(device)
-                torch.manual_seed(seed_for(cfg.train.seed, step, ctx.rank))  # dropout etc.
-                gen = step_generator(cfg.train.seed, step, 0, device)  # same on every rank
-                t_all, noise_all, u_all = _draw_step(
-                    cfg, denoiser.schedule, x_all.shape[1:], gen, ctx
-                )
-            optimizer.zero_grad(set_to_none=True)
-            step_loss = 0.0
-            for k, part in enumerate(idx.split(micro)):
-                mb = slice(k * micro, (k + 1) * micro)  # this micro-batch within the shard
-                x0, y = x_all[part], y_all[part]
-                t, noise = t_all[mb], noise_all[mb]
-                y = _drop_labels(y, u_all[mb], cfg, denoiser.null_label)
-                sync = k == cfg.train.grad_accum - 1
-                no_sync = distributed.maybe_no_sync(train_model, sync)
-                with no_sync, precision.autocast(device), record_function("train/forward"):
-                    losses = diffusion_loss(
-                        train_model,
-                        x0,
-                        y,
-                        t,
-                        noise,
-                        loss=cfg.diffusion.loss,
-                        min_snr_gamma=cfg.diffusion.min_snr_gamma,
-                    )
-                loss = losses.mean() / cfg.train.grad_accum
-                with record_function("train/backward"):
-                    (scaler.scale(loss) if scaler else loss).backward()
-                step_loss += loss.item()
-                b_sum, b_cnt = loss_by_time_bin(t, losses)
-                window["bins"] += b_sum
-                window["counts"] += b_cnt
-            step_loss, signum, elapsed = distributed.agree_step(
-                step_loss, stop.signum, budget.elapsed(), ctx
-            )
-
-            if not math.isfinite(step_loss):
-                progress.skipped_steps += 1
-                if cfg.train.nonfinite == "stop" or (
-                    progress.skipped_steps > cfg.train.max_skipped_steps
-                ):
-                    bar.close()
-                    raise TrainingError(
-                        f"non-finite loss ({step_loss}) at step {step}; the last good "
-                        f"checkpoint in {ckpt_dir} is kept. Lower train.lr, enable "
-                        "train.grad_clip, or set train.nonfinite=skip"
-                    )
-                log(f"step {step}: non-finite loss, step skipped ({progress.skipped_steps} so far)")
-                optimizer.zero_grad(set_to_none=True)
-                grad_norm = float("nan")
-            else:
-                with record_function("train/optimizer"):
-                    if scaler:
-                        scaler.unscale_(optimizer)
-                    clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
-                    grad_norm = torch.nn.utils.clip_grad_norm_(backbone.parameters(), clip).item()
-                    if scaler:
-                        scaler.step(optimizer)
-                        scaler.update()
-                    else:
-                        optimizer.step()
-                if ema is not None:
-                    with record_function("train/ema"):
-                        ema.update(backbone, step)
-            progress.step += 1
-            bar.update(1)
-
-            # ---- logging
-            window["loss"] += step_loss if math.isfinite(step_loss) else 0.0
-            window["n"] += 1
-            window["images"] += cfg.train.batch_size
-            if progress.step % cfg.train.log_every == 0 or progress.step == total_steps:
-                with record_function("train/logging"):
-                    distributed.sum_([window["bins"], window["counts"]], ctx)
-                    record = _window_record(window, progress, lr, grad_norm)
-                    progress.history.append(record)
-                    logger.log(record)
-                    bar.set_postfix(
-                        loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_sec']:.0f}"
-                    )
-                    window.update(loss=0.0, n=0, t0=time.perf_counter(), images=0)
-                    window["bins"].zero_()
-                    window["counts"].zero_()
-
-            # ---- wall-clock budget: fit the schedule length, then stop on time
-            new_total = budget.update(progress, total_steps, elapsed)
-            if budget.fitted_now:
-                log(
-                    f"time budget: {new_total} steps fit in {cfg.train.time_budget_minutes:g} min "
-                    "at the speed so far (refitted every step)"
-                )
-            if new_total != total_steps:
-                total_steps = bar.total = new_total
-
-            # ---- events: validation, previews, checkpoints
-            epoch_done = batches.epoch != epoch_before
-            progress.epoch = batches.epoch
-            finished = progress.step == total_steps
-            interrupted = signum is not None or (
-                stop_after_steps is not None and progress.step - start_step >= stop_after_steps
-            )
-            if ctx.is_main and (_due(cfg.train.val_every, progress.step, epoch_done) or finished):
-                _validate(cfg, denoiser, ema, data, device, precision, progress, logger, log)
-            if (
-                epoch_done
-                and ctx.is_main
-                and cfg.train.preview_every_epochs
-                and (progress.epoch % cfg.train.preview_every_epochs == 0)
-            ):
-                _preview(cfg, denoiser, ema, data, precision, run_dir, progress, logger)
-            if (
-                epoch_done
-                and ctx.is_main
-                and cfg.train.eval_every_epochs
-                and (progress.epoch % cfg.train.eval_every_epochs == 0)
-            ):
-                _evaluate(cfg, denoiser, ema, data, precision, progress, logger, log)
-            if _due(cfg.train.checkpoint_every, progress.step, epoch_done) or finished:
-                save("periodic")
-            elif interrupted:
-                save()
-            if interrupted:
-                stopped_by = signum or "stop_after_steps"
-                break
-        distributed.barrier(ctx)  # no rank exits before rank 0 has written its checkpoint
-    bar.close()
-    logger.close()
-    if ctx.is_main:
-        plot_loss_curves(progress.history, run_dir / "loss_curves.png")
-    elapsed = time.perf_counter() - t_start
-    done = progress.step - start_step
-    if stopped_by is None or not ctx.is_main:  # other ranks: rank 0 reports and sets the code
-        log(
-            f"finished {progress.step} steps in {elapsed / 60:.1f} min "
-            f"({done * cfg.train.batch_size / max(elapsed, 1e-9):.0f} images/s); run: {run_dir}"
-        )
-        return run_dir
-    hint = f"resume with: mnistdiff train --config {run_dir / 'config.yaml'} --resume auto"
-    if stopped_by == "stop_after_steps":
-        log(f"stopped after {done} steps at step {progress.step}/{total_steps}; {hint}")
-        return run_dir
-    name = signal.Signals(stopped_by).name
-    raise TrainingInterrupted(
-        f"{name}: checkpoint written at step {progress.step}/{total_steps}; {hint}",
-        exit_code=128 + int(stopped_by),
-    )
+    state.optimizer.zero_grad(set_to_none=True)
 
 
-# --------------------------------------------------------------------------- step helpers
-
-
-def _draw_step(cfg: Config, schedule, image_shape, gen: torch.Generator, ctx):
-    """Times, noise and label-drop uniforms drawn for the whole global batch of one step;
-    returns this rank's shard of each (so they do not depend on the number of processes)."""
-    n, device = cfg.train.batch_size, gen.device
-    t = _training_times(cfg, schedule, n, gen, device)
-    noise = torch.randn((n, *image_shape), generator=gen, device=device)
-    u = torch.rand(n, generator=gen, device=device)
-    return tuple(distributed.shard(v, ctx) for v in (t, noise, u))
-
-
-def _training_times(cfg: Config, schedule, n: int, gen: torch.Generator, device) -> torch.Tensor:
+def _training_times(cfg: Config, schedule, n: int, gen: torch.Generator, device) -> Tensor:
     d = cfg.diffusion
     return sample_training_times(
         schedule,
@@ -497,9 +332,7 @@ def _training_times(cfg: Config, schedule, n: int, gen: torch.Generator, device)
     )
 
 
-def _drop_labels(
-    y: torch.Tensor, u: torch.Tensor, cfg: Config, null_label: int
-) -> torch.Tensor | None:
+def _drop_labels(y: Tensor, u: Tensor, cfg: Config, null_label: int) -> Tensor | None:
     """Replace labels by the null label where ``u < label_dropout`` (CFG training)."""
     if not cfg.model.conditional:
         return None
@@ -507,37 +340,300 @@ def _drop_labels(
     return torch.where(drop, torch.full_like(y, null_label), y)
 
 
+# --------------------------------------------------------------------------- the loop
+
+
+def train(
+    cfg: Config,
+    *,
+    resume: str | None = None,
+    stop_after_steps: int | None = None,
+    task: TrainTask | None = None,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Train as ``cfg`` says; return the run directory.
+
+    Args:
+        cfg: the resolved config (``cfg.train.run_dir`` must be set).
+        resume: ``"auto"`` (continue ``run_dir`` if it has a checkpoint), a checkpoint path,
+            or None (start fresh; refuses a run directory that already has checkpoints).
+        stop_after_steps: end this invocation after this many optimizer steps, with a
+            checkpoint, as an interruption would.
+        task: what to minimize (default: :class:`DiffusionTask` from the config). The
+            extension point for other objectives such as distillation; see :class:`TrainTask`.
+        log: where one-line messages go (rank 0 only).
+
+    Raises:
+        TrainingError: the run cannot start or continue (another process holds the run
+            directory, a non-finite loss, a full disk, an incompatible resume, ...).
+        TrainingInterrupted: stopped by SIGINT/SIGTERM after writing ``last.pt``.
+    """
+    ctx = distributed.setup(cfg.train.device)
+    log = log if ctx.is_main else _silent
+    run_dir = Path(cfg.train.run_dir or default_run_dir(None))
+    with _owned(run_dir, ctx, log):
+        state, run = _start(cfg, ctx, run_dir, resume, task or DiffusionTask.from_config(cfg), log)
+        first, t0 = state.progress.step, time.perf_counter()
+        try:
+            stopped_by = _loop(state, run, stop_after_steps)
+        finally:
+            run.close()
+    return _report(state, run, stopped_by, state.progress.step - first, time.perf_counter() - t0)
+
+
+def _loop(state: TrainState, run: _Run, stop_after_steps: int | None) -> int | str | None:
+    """Step until the budget is spent or a stop is asked for; return the signal number or
+    ``"stop_after_steps"`` that ended it early, else None."""
+    progress, first, stopped_by = state.progress, state.progress.step, None
+    state.budget.start(progress)
+    with state.stop:
+        while progress.step < state.total_steps:
+            epoch = state.batches.epoch
+            stats = train_step(state, next_batch(state, run.images, run.labels))
+            progress.step += 1
+            progress.epoch = state.batches.epoch
+            _fit_time_budget(state, stats, run)
+            if stats.signum is not None:
+                stopped_by = stats.signum
+            elif stop_after_steps is not None and progress.step - first >= stop_after_steps:
+                stopped_by = "stop_after_steps"
+            periodic_events(state, run, stats, progress.epoch != epoch, stopped_by is not None)
+            if stopped_by is not None:
+                break
+        distributed.barrier(state.ctx)  # no rank exits before rank 0 has written its checkpoint
+    return stopped_by
+
+
+def periodic_events(
+    state: TrainState, run: _Run, stats: StepStats, epoch_done: bool, stopping: bool
+) -> None:
+    """After a step: log, validate, preview, evaluate and checkpoint when each is due.
+
+    Intervals count steps (``every`` > 0) or epoch ends (``every`` = 0); the last step always
+    logs, validates and writes a periodic checkpoint; a stopping run writes ``last.pt``.
+    """
+    cfg, p = state.cfg.train, state.progress
+    finished = p.step == state.total_steps
+    run.bar.update(1)
+    if stats.skipped:
+        run.log(f"step {p.step - 1}: non-finite loss, step skipped ({p.skipped_steps} so far)")
+    run.window.add(stats, cfg.batch_size)
+    if p.step % cfg.log_every == 0 or finished:
+        with record_function("train/logging"):
+            _log_window(state, run, stats)
+    if state.ctx.is_main and (_due(cfg.val_every, p.step, epoch_done) or finished):
+        _validate(state, run)
+    if state.ctx.is_main and epoch_done and _every(cfg.preview_every_epochs, p.epoch):
+        _preview(state, run)
+    if state.ctx.is_main and epoch_done and _every(cfg.eval_every_epochs, p.epoch):
+        _evaluate(state, run)
+    if _due(cfg.checkpoint_every, p.step, epoch_done) or finished:
+        _save(state, run, periodic=True)
+    elif stopping:
+        _save(state, run, periodic=False)
+
+
 def _due(every: int, step: int, epoch_done: bool) -> bool:
     """Interval rule: ``every`` steps, or at each epoch end when ``every`` is 0."""
     return step % every == 0 if every else epoch_done
 
 
-def _window_record(window: dict, progress: Progress, lr: float, grad_norm: float) -> dict:
-    elapsed = max(time.perf_counter() - window["t0"], 1e-9)
+def _every(every_epochs: int, epoch: int) -> bool:
+    """Epoch interval rule: 0 disables."""
+    return bool(every_epochs) and epoch % every_epochs == 0
+
+
+def _fit_time_budget(state: TrainState, stats: StepStats, run: _Run) -> None:
+    """Refit the number of steps to the wall-clock budget (stops the run when time is up)."""
+    total = state.budget.update(state.progress, state.total_steps, stats.elapsed)
+    if state.budget.fitted_now:
+        run.log(
+            f"time budget: {total} steps fit in {state.cfg.train.time_budget_minutes:g} min "
+            "at the speed so far (refitted every step)"
+        )
+    state.total_steps = run.bar.total = total
+
+
+# --------------------------------------------------------------------------- run environment
+
+
+class LossWindow:
+    """Training losses accumulated between two log records."""
+
+    def __init__(self) -> None:
+        self.bin_sums = torch.zeros(10, dtype=torch.float64)
+        self.bin_counts = torch.zeros(10)
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss, self.steps, self.images, self.t0 = 0.0, 0, 0, time.perf_counter()
+        self.bin_sums.zero_()
+        self.bin_counts.zero_()
+
+    def add(self, stats: StepStats, images: int) -> None:
+        self.loss += stats.loss if math.isfinite(stats.loss) else 0.0
+        self.steps += 1
+        self.images += images
+        self.bin_sums += stats.bin_sums
+        self.bin_counts += stats.bin_counts
+
+
+@dataclass
+class _Run:
+    """The outside of a run: its directory, data, logger, progress bar and messages."""
+
+    dir: Path
+    data: TrainData
+    images: Tensor  # all training images on the device, [N, C, S, S]
+    labels: Tensor  # [N]
+    logger: RunLogger
+    bar: tqdm
+    log: Callable[[str], None]
+    window: LossWindow = field(default_factory=LossWindow)
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.dir / "checkpoints"
+
+    def close(self) -> None:
+        """Close the progress bar and the logger (TensorBoard writer)."""
+        self.bar.close()
+        self.logger.close()
+
+
+def _silent(*args, **kwargs) -> None:
+    pass
+
+
+@contextlib.contextmanager
+def _owned(run_dir: Path, ctx: DistContext, log: Callable[[str], None]) -> Iterator[None]:
+    """Hold the run directory's lock on rank 0 (the only writer); remove stale temp files."""
+    if not ctx.is_main:
+        yield
+        return
+    try:
+        with lock_run_dir(run_dir):
+            stale = remove_stale_temps(run_dir)
+            if stale:
+                log(f"removed {len(stale)} temporary file(s) of interrupted writes in {run_dir}")
+            yield
+    except RunDirBusyError as exc:
+        raise TrainingError(str(exc)) from None
+
+
+def _start(
+    cfg: Config,
+    ctx: DistContext,
+    run_dir: Path,
+    resume: str | None,
+    task: TrainTask,
+    log: Callable[[str], None],
+) -> tuple[TrainState, _Run]:
+    """Build (or resume) the state, write the run's config, open its logger."""
+    ckpt_dir = run_dir / "checkpoints"
+    resume_path = _resume_path(resume, ckpt_dir)
+    if resume_path is None and ckpt_dir.exists() and any(ckpt_dir.glob("*.pt")):
+        raise TrainingError(
+            f"{run_dir} already holds checkpoints; continue it with --resume auto, or choose "
+            "a new --run-dir"
+        )
+    device = ctx.device or select_device(cfg.train.device)
+    precision = select_precision(cfg.train.precision, device)
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    log(describe(device, precision))
+    with distributed.local_main_first(ctx):  # one download per node
+        data = load_train_data(cfg)
+    state = TrainState.create(
+        cfg, data.spec, len(data.train_y), ctx=ctx, device=device, precision=precision, task=task
+    )
+    log(
+        f"{cfg.model.type}: {sum(p.numel() for p in state.model.backbone.parameters()) / 1e6:.2f}M "
+        f"parameters; {len(data.train_y)} training / {len(data.val_y)} validation images"
+    )
+    if resume_path is not None:
+        _resume(state, resume_path, log)
+    if ctx.is_main:
+        save_config(cfg, run_dir / "config.yaml")
+    logger = RunLogger(run_dir, enabled=ctx.is_main, tensorboard=cfg.train.tensorboard)
+    bar = tqdm(
+        total=state.total_steps,
+        initial=state.progress.step,
+        desc="train",
+        unit="step",
+        disable=not (ctx.is_main and cfg.train.progress),
+        dynamic_ncols=True,
+    )
+    run = _Run(run_dir, data, data.train_x.to(device), data.train_y.to(device), logger, bar, log)
+    try:
+        logger.reset(state.progress.history)
+    except BaseException:
+        run.close()
+        raise
+    return state, run
+
+
+def _report(
+    state: TrainState, run: _Run, stopped_by: int | str | None, steps: int, seconds: float
+) -> Path:
+    """Plot the loss curves and say how the run ended (raise for a signal)."""
+    p = state.progress
+    if state.ctx.is_main:
+        plot_loss_curves(p.history, run.dir / "loss_curves.png")
+    if stopped_by is None or not state.ctx.is_main:  # other ranks: rank 0 reports
+        run.log(
+            f"finished {p.step} steps in {seconds / 60:.1f} min "
+            f"({steps * state.cfg.train.batch_size / max(seconds, 1e-9):.0f} images/s); "
+            f"run: {run.dir}"
+        )
+        return run.dir
+    hint = f"resume with: mnistdiff train --config {run.dir / 'config.yaml'} --resume auto"
+    if stopped_by == "stop_after_steps":
+        run.log(f"stopped after {steps} steps at step {p.step}/{state.total_steps}; {hint}")
+        return run.dir
+    raise TrainingInterrupted(
+        f"{signal.Signals(stopped_by).name}: checkpoint written at step "
+        f"{p.step}/{state.total_steps}; {hint}",
+        exit_code=128 + int(stopped_by),
+    )
+
+
+# --------------------------------------------------------------------------- events
+
+
+def _log_window(state: TrainState, run: _Run, stats: StepStats) -> None:
+    """One ``metrics.jsonl`` record of the losses since the last one."""
+    w, p = run.window, state.progress
+    distributed.sum_([w.bin_sums, w.bin_counts], state.ctx)
     record = {
-        "step": progress.step,
-        "epoch": progress.epoch,
-        "loss": window["loss"] / max(window["n"], 1),
-        "lr": lr,
-        "grad_norm": grad_norm,
-        "images_per_sec": window["images"] / elapsed,
+        "step": p.step,
+        "epoch": p.epoch,
+        "loss": w.loss / max(w.steps, 1),
+        "lr": stats.lr,
+        "grad_norm": stats.grad_norm,
+        "images_per_sec": w.images / max(time.perf_counter() - w.t0, 1e-9),
     }
-    per_bin = window["bins"] / window["counts"].clamp(min=1)
-    for i, (value, count) in enumerate(
-        zip(per_bin.tolist(), window["counts"].tolist(), strict=True)
-    ):
+    per_bin = w.bin_sums / w.bin_counts.clamp(min=1)
+    for i, (value, count) in enumerate(zip(per_bin.tolist(), w.bin_counts.tolist(), strict=True)):
         if count:
             record[f"loss_t{i}"] = value
-    return record
+    _record(state, run, record)
+    run.bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_sec']:.0f}")
+    w.reset()
+
+
+def _record(state: TrainState, run: _Run, record: dict) -> None:
+    state.progress.history.append(record)
+    run.logger.log(record)
 
 
 @torch.no_grad()
-def _validate(cfg, denoiser, ema, data: TrainData, device, precision, progress, logger, log):
-    """Mean loss on the held-out split with fixed randomness (EMA weights when present)."""
+def _validate(state: TrainState, run: _Run) -> None:
+    """Mean task loss on the held-out split with fixed randomness (EMA weights when present)."""
+    cfg, data, device = state.cfg, run.data, state.device
     if len(data.val_y) == 0:
         return
-    model = _with_weights(denoiser, ema)
-    model.eval()
+    model = state.eval_model().eval()
     gen = step_generator(cfg.train.seed, -1, 0, device)  # the same noise at every validation
     bs = cfg.train.batch_size
     n_batches = math.ceil(len(data.val_y) / bs)
@@ -549,130 +645,102 @@ def _validate(cfg, denoiser, ema, data: TrainData, device, precision, progress, 
         y = data.val_y[b * bs : (b + 1) * bs].to(device) if cfg.model.conditional else None
         t = _training_times(cfg, model.schedule, len(x0), gen, device)
         noise = torch.randn(x0.shape, generator=gen, device=device)
-        with precision.autocast(device):
-            losses = diffusion_loss(
-                model,
-                x0,
-                y,
-                t,
-                noise,
-                loss=cfg.diffusion.loss,
-                min_snr_gamma=cfg.diffusion.min_snr_gamma,
-            )
+        with state.precision.autocast(device):
+            losses = state.task.loss(model, Batch(x0, y, t, noise))
         total += losses.sum().item()
         count += len(x0)
-    denoiser.train()
+    state.model.train()
     value = total / count
-    record = {"step": progress.step, "epoch": progress.epoch, "val_loss": value}
-    progress.history.append(record)
-    logger.log(record)
-    log(f"step {progress.step}: validation loss {value:.5f}")
+    _record(
+        state, run, {"step": state.progress.step, "epoch": state.progress.epoch, "val_loss": value}
+    )
+    run.log(f"step {state.progress.step}: validation loss {value:.5f}")
 
 
-def _with_weights(denoiser, ema):
-    """A denoiser that uses the EMA backbone when EMA is on."""
-    if ema is None:
-        return denoiser
-    return denoiser.with_backbone(ema.model)
-
-
-def _sample_ema(cfg, denoiser, ema, data: TrainData, precision, num: int, per_class: int):
+def _sample(state: TrainState, run: _Run, num: int, per_class: int) -> tuple[Tensor, Tensor | None]:
     """``num`` uint8 images from the EMA weights with the config's sample settings
     (``per_class`` of every class when conditional); returns ``(images, labels)``."""
-    model = _with_weights(denoiser, ema).eval()
+    cfg = state.cfg
+    model = state.eval_model().eval()
     labels = None
     if cfg.model.conditional:
-        labels = label_tensor(per_class=per_class, num_classes=data.spec.num_classes)[:num]
-    s = cfg.sample
-    opts = SampleOptions.from_config(s)
+        labels = label_tensor(per_class=per_class, num_classes=state.spec.num_classes)[:num]
     out = generate(
         model,
         labels,
         num,
-        opts,
+        SampleOptions.from_config(cfg.sample),
         seed=cfg.train.seed,
-        batch_size=s.batch_size,
+        batch_size=cfg.sample.batch_size,
         conditional=cfg.model.conditional,
-        precision=precision,
+        precision=state.precision,
     )
-    denoiser.train()
-    return from_model_range(crop_to(out.x, original_size(data.spec, cfg.data))), labels
+    state.model.train()
+    return from_model_range(crop_to(out.x, original_size(state.spec, cfg.data))), labels
 
 
-def _preview(cfg, denoiser, ema, data: TrainData, precision, run_dir: Path, progress, logger):
+def _preview(state: TrainState, run: _Run) -> None:
     """A grid of samples, one row per class, written as ``samples/samples_epoch_XXX.png``."""
-    per_class = cfg.train.preview_per_class
-    num = data.spec.num_classes * per_class
-    images, _ = _sample_ema(cfg, denoiser, ema, data, precision, num, per_class)
-    path = run_dir / "samples" / f"samples_epoch_{progress.epoch:03d}.png"
+    per_class = state.cfg.train.preview_per_class
+    images, _ = _sample(state, run, state.spec.num_classes * per_class, per_class)
+    path = run.dir / "samples" / f"samples_epoch_{state.progress.epoch:03d}.png"
     save_grid(images, path, nrow=per_class, scale=2)
-    logger.image("samples", make_grid(images, nrow=per_class), progress.step)
+    run.logger.image("samples", make_grid(images, nrow=per_class), state.progress.step)
+
+
+def _evaluate(state: TrainState, run: _Run) -> None:
+    """In-training sample quality at small N (``train.eval_num_samples``), EMA weights."""
+    from .evaluate import evaluate_images
+
+    cfg, p = state.cfg, state.progress
+    n = cfg.train.eval_num_samples
+    images, labels = _sample(state, run, n, -(-n // state.spec.num_classes))
+    metrics = evaluate_images(images, labels, seed=cfg.train.seed, data_dir=cfg.data.data_dir)
+    record = {"step": p.step, "epoch": p.epoch, "eval_num_samples": n}
+    for key in ("fd_mnist", "kid", "precision", "recall", "class_accuracy"):
+        if metrics.get(key) is not None:
+            record[key] = metrics[key]
+    _record(state, run, record)
+    run.log(
+        f"step {p.step}: fd_mnist {record['fd_mnist']:.3f} (N={n})"
+        + (f", class accuracy {record['class_accuracy']:.3f}" if "class_accuracy" in record else "")
+    )
 
 
 # --------------------------------------------------------------------------- checkpoints
 
 
-def _checkpoint_state(
-    cfg, data, backbone, ema, optimizer, batches, progress: Progress, total_steps: int
-) -> dict:
-    return {
-        "config": to_dict(cfg),
-        "data_spec": data.spec.to_dict(),
-        "model": backbone.state_dict(),
-        "ema": ema.state_dict() if ema is not None else None,
-        "optimizer": optimizer.state_dict(),
-        "lr_schedule": {"kind": cfg.train.lr_schedule, "total_steps": total_steps},
-        "train_seconds": progress.train_seconds,
-        "step": progress.step,
-        "epoch": progress.epoch,
-        "data_state": batches.state_dict(),
-        "skipped_steps": progress.skipped_steps,
-        "best_value": progress.best_value,
-        "history": progress.history,
-    }
+def _save(state: TrainState, run: _Run, *, periodic: bool) -> None:
+    """Rank 0: ``last.pt`` always; ``step_XXXXXXX.pt`` when periodic (keep the newest
+    ``keep_last``); ``best.pt`` when ``train.best_by`` improved. All record the best value
+    including this step's validation.
 
-
-def _evaluate(cfg, denoiser, ema, data: TrainData, precision, progress, logger, log):
-    """In-training sample quality at small N (``train.eval_num_samples``), EMA weights."""
-    from .evaluate import evaluate_images
-
-    n = cfg.train.eval_num_samples
-    per_class = -(-n // data.spec.num_classes)
-    images, labels = _sample_ema(cfg, denoiser, ema, data, precision, n, per_class)
-    metrics = evaluate_images(images, labels, seed=cfg.train.seed, data_dir=cfg.data.data_dir)
-    record = {"step": progress.step, "epoch": progress.epoch, "eval_num_samples": n}
-    for key in ("fd_mnist", "kid", "precision", "recall", "class_accuracy"):
-        if metrics.get(key) is not None:
-            record[key] = metrics[key]
-    progress.history.append(record)
-    logger.log(record)
-    log(
-        f"step {progress.step}: fd_mnist {record['fd_mnist']:.3f} (N={n})"
-        + (f", class accuracy {record['class_accuracy']:.3f}" if "class_accuracy" in record else "")
-    )
-
-
-def _write_checkpoints(
-    state: dict,
-    ckpt_dir: Path,
-    tag: str | None,
-    progress: Progress,
-    keep_last: int,
-    best_by: str = "val_loss",
-) -> None:
-    """``last.pt`` always; ``step_XXXXXXX.pt`` for periodic saves (keep the newest k);
-    ``best.pt`` when ``best_by`` (validation loss or in-training FD) improved."""
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    if tag == "periodic":
-        save_checkpoint(state, ckpt_dir / f"step_{progress.step:07d}.pt")
-        for old in sorted(ckpt_dir.glob("step_*.pt"))[:-keep_last]:
-            old.unlink()
-    val = [r[best_by] for r in progress.history if best_by in r]
-    if val and val[-1] < progress.best_value:
-        progress.best_value = val[-1]
-        state["best_value"] = val[-1]
-        save_checkpoint(state, ckpt_dir / "best.pt")
-    save_checkpoint(state, ckpt_dir / "last.pt")
+    Raises:
+        TrainingError: the disk is full (the message names the newest intact checkpoint).
+    """
+    if not state.ctx.is_main:
+        return
+    cfg = state.cfg.train
+    improved = state.progress.note_best(cfg.best_by)
+    blob = state.state_dict()
+    names = [f"step_{state.progress.step:07d}.pt"] if periodic else []
+    names += ["best.pt"] if improved else []
+    last_good = run.ckpt_dir / "last.pt"
+    last_good = last_good if last_good.is_file() else None
+    for name in [*names, "last.pt"]:
+        try:
+            save_checkpoint(blob, run.ckpt_dir / name)
+        except DiskFullError as exc:
+            intact = (
+                f"last good checkpoint {last_good} is intact"
+                if last_good
+                else ("no checkpoint was written before")
+            )
+            raise TrainingError(f"{exc}; {intact}. Free disk space, then resume") from None
+        last_good = run.ckpt_dir / name
+        if name.startswith("step_"):
+            for old in sorted(run.ckpt_dir.glob("step_*.pt"))[: -cfg.keep_last]:
+                old.unlink()
 
 
 def _resume_path(resume: str | None, ckpt_dir: Path) -> Path | None:
@@ -689,16 +757,10 @@ def _resume_path(resume: str | None, ckpt_dir: Path) -> Path | None:
     return path
 
 
-def _restore(
-    path: Path, cfg: Config, backbone, optimizer, ema, batches, progress: Progress, log
-) -> dict:
-    """Load a checkpoint into the live objects after checking the config is compatible."""
-    state = load_checkpoint(path)
-    try:
-        saved = from_dict(state["config"])
-    except Exception as exc:
-        raise CheckpointError(f"{path}: saved config is invalid ({exc})") from None
-    changes = diff(saved, cfg)
+def _resume(state: TrainState, path: Path, log: Callable[[str], None]) -> None:
+    """Load a checkpoint into ``state`` after checking the config is compatible."""
+    blob = load_checkpoint(path)
+    changes = diff(checkpoint_config(blob, path), state.cfg)
     frozen = [c for c in changes if c[0].startswith(FROZEN_KEYS)]
     if frozen:
         lines = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in frozen)
@@ -708,28 +770,8 @@ def _restore(
         )
     for key, a, b in changes:
         log(f"resume: {key} changed {a!r} -> {b!r}")
-    backbone.load_state_dict(state["model"])
-    load_optimizer_state(optimizer, state["optimizer"])
-    if ema is not None:
-        if state.get("ema") is not None:
-            ema.load_state_dict(state["ema"])
-        else:
-            ema.model.load_state_dict(state["model"])
-    try:
-        batches.load_state_dict(state["data_state"])
-    except ValueError as exc:
-        raise TrainingError(
-            f"cannot resume {path}: {exc}. The data position is counted in global batches: "
-            "keep train.batch_size (the global batch over all processes) and train.seed as "
-            "saved; the number of processes may change if it divides the batch"
-        ) from None
-    progress.step, progress.epoch = state["step"], state["epoch"]
-    progress.skipped_steps = state["skipped_steps"]
-    progress.best_value = state["best_value"]
-    progress.history = list(state["history"])
-    progress.train_seconds = state.get("train_seconds", 0.0)
-    log(f"resumed from {path} at step {progress.step} (epoch {progress.epoch})")
-    return state
+    state.load_state_dict(blob, source=path)
+    log(f"resumed from {path} at step {state.progress.step} (epoch {state.progress.epoch})")
 
 
 make_callable(__name__, train)  # mnistdiff.train(cfg) == mnistdiff.train.train(cfg)
