@@ -14,7 +14,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -307,11 +306,10 @@ def test_hung_rank_times_out(data_dir, tmp_path):
     """A rank that stops answering makes the others fail after the process-group timeout
     (6 s here); torchrun then ends the job. The hung rank keeps SIGTERM's default action, so
     the test does not wait out torchrun's 30 s SIGKILL grace."""
-    start = time.monotonic()
-    run, proc = _fault_run(tmp_path, data_dir, "hang:1:3", env={TIMEOUT_ENV: "0.1"}, timeout=90)
+    env = {TIMEOUT_ENV: "0.1"}  # 6 s; about 20 s in all on an idle 2-core machine
+    run, proc = _fault_run(tmp_path, data_dir, "hang:1:3", env=env, timeout=240)
     assert proc.returncode != 0
     assert "Timed out" in proc.stderr, proc.stderr[-3000:]
-    assert time.monotonic() - start < 60  # bounded by the timeout, not by the 3600 s hang
 
 
 # --------------------------------------------------------------------------- sampling, evaluation
