@@ -35,8 +35,8 @@ from torch import Tensor, nn
 from mnistdiff.atomic import atomic_write_text
 from mnistdiff.build import load_train_data
 from mnistdiff.config import load_config
-from mnistdiff.data import from_model_range
 from mnistdiff.sample import label_tensor, save_npz
+from mnistdiff.transforms import from_model_range
 
 
 @dataclass(frozen=True)

@@ -84,19 +84,21 @@ def evaluator_or_none(allow_missing: bool):
     return ev, {"available": True, "sha256": ev.checksum}
 
 
-def score(images: torch.Tensor, labels: torch.Tensor, evaluator, seed: int, data_dir) -> dict:
-    """Sample-quality metrics (null without an evaluator)."""
+def score(images: torch.Tensor, labels: torch.Tensor, evaluator, seed: int, data) -> dict:
+    """Sample-quality metrics against the test set of ``data`` (a DataConfig; null without
+    an evaluator)."""
     if evaluator is None:
         return dict.fromkeys(METRICS)
-    m = evaluate_images(images, labels, seed=seed, data_dir=data_dir, evaluator=evaluator)
+    kw = {"data_dir": data.data_dir, "dataset": data.dataset, "evaluator": evaluator}
+    m = evaluate_images(images, labels, seed=seed, **kw)
     return {**{k: m.get(k) for k in METRICS}, "kid_std": m["kid_std"]}
 
 
-def floor_metrics(evaluator, n: int, seed: int, data_dir) -> dict[str, Any] | None:
-    """Real-data floor (N real training images vs the test reference)."""
+def floor_metrics(evaluator, n: int, seed: int, data) -> dict[str, Any] | None:
+    """Real-data floor (N real training images of ``data`` vs its test reference)."""
     if evaluator is None:
         return None
-    f = real_data_floor(evaluator, n, seed=seed, data_dir=data_dir)
+    f = real_data_floor(evaluator, n, seed=seed, data_dir=data.data_dir, dataset=data.dataset)
     return {"num_samples": n, **{k: f.get(k) for k in METRICS}}
 
 
@@ -174,7 +176,7 @@ def run_recipe(cfg: Config, name: str, args, evaluator, floor, tmp: Path) -> dic
     log(f"[{name}] sampling {args.num_samples} images")
     stats, images, labels = sample_recipe(run_dir, args.num_samples, args.seed, cfg.train.device)
     row |= stats
-    row |= score(images, labels, evaluator, args.seed, cfg.data.data_dir)
+    row |= score(images, labels, evaluator, args.seed, cfg.data)
     save_samples(images, labels, args.out_dir, name)
     return with_floor(row, floor)
 
@@ -199,7 +201,7 @@ def run_diffusers(cfg: Config, args, evaluator, floor) -> dict[str, Any]:
     row = {"name": "diffusers", "config": "benchmarks/diffusers_recipe.py"}
     row |= {k: v for k, v in stats.items() if k != "recipe"}
     row |= {"train_precision": recipe.precision, "batch_size": recipe.batch_size}
-    row |= score(images, labels, evaluator, args.seed, cfg.data.data_dir)
+    row |= score(images, labels, evaluator, args.seed, cfg.data)
     save_samples(images, labels, args.out_dir, "diffusers")
     return with_floor(row, floor)
 
@@ -284,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = recipe.cfg
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
-    floor = floor_metrics(evaluator, args.num_samples, args.seed, cfg.data.data_dir)
+    floor = floor_metrics(evaluator, args.num_samples, args.seed, cfg.data)
     result = {
         **environment(select_device(cfg.train.device)),
         "budget_minutes": args.minutes,

@@ -17,6 +17,8 @@ def mnist_dir() -> str | None:
 
 @pytest.fixture
 def real_mnist(monkeypatch):
+    """The real MNIST folder. Only tests of the real data itself use it (they skip without it);
+    everything that tests the pipeline runs on ``synthetic_data``."""
     path = mnist_dir()
     if path is None:
         pytest.skip("real MNIST not available (set MNIST_DIR)")
@@ -24,15 +26,37 @@ def real_mnist(monkeypatch):
     return path
 
 
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory) -> str:
+    """A folder with the synthetic digits (``data.dataset=synthetic``): the four gzipped IDX
+    files (600 train / 100 test, 28x28, labels 0-9), generated here and then loaded through
+    the same verification as downloaded files (magic numbers, counts, sizes, pinned MD5s)."""
+    from mnistdiff.data import load_dataset
+    from mnistdiff.synthetic import write_synthetic
+
+    root = write_synthetic(tmp_path_factory.mktemp("synthetic"))
+    load_dataset("synthetic", root, download=False)  # raises DataError unless verified
+    return str(root)
+
+
+SYNTHETIC = ("data.dataset=synthetic",)
+
+
 @pytest.fixture
-def smoke_cfg(real_mnist, tmp_path):
-    """A factory: the smoke config with overrides, writing into tmp_path/<name>."""
+def smoke_cfg(synthetic_data, tmp_path):
+    """A factory: the smoke config on the synthetic digits with overrides, writing into
+    tmp_path/<name>."""
     from mnistdiff.config import load_config
 
     def make(*overrides, name="run"):
         cfg = load_config(
             ROOT / "configs" / "smoke.yaml",
-            [f"train.run_dir={tmp_path / name}", f"data.data_dir={real_mnist}", *overrides],
+            [
+                f"train.run_dir={tmp_path / name}",
+                *SYNTHETIC,
+                f"data.data_dir={synthetic_data}",
+                *overrides,
+            ],
         )
         return cfg
 

@@ -1,4 +1,4 @@
-"""End-to-end CLI tests on configs/smoke.yaml and real MNIST, for both backbones."""
+"""End-to-end CLI tests on configs/smoke.yaml and the synthetic digits, for both backbones."""
 
 import json
 import re
@@ -16,6 +16,12 @@ from mnistdiff.cli import main
 
 def run(*argv):
     return main([str(a) for a in argv])
+
+
+def smoke_train(run_dir, data_dir, *extra) -> int:
+    """``mnistdiff train`` on the smoke config and the synthetic digits."""
+    config = ("--config", ROOT / "configs/smoke.yaml", "--run-dir", run_dir)
+    return run("train", *config, "--dataset", "synthetic", "--data-dir", data_dir, *extra)
 
 
 def test_help_lists_commands(capsys):
@@ -61,31 +67,19 @@ def test_user_error_is_one_line(capsys):
     assert "Traceback" not in err and len(err.splitlines()) == 1
 
 
-def test_data_writes_png(real_mnist, tmp_path, capsys):
-    out = tmp_path / "real.png"
-    assert run("data", "--data-dir", real_mnist, "--per-class", "3", "--out", out) == 0
+def test_data_writes_png(synthetic_data, tmp_path, capsys):
+    out = tmp_path / "data.png"
+    data = ("--dataset", "synthetic", "--data-dir", synthetic_data)
+    assert run("data", *data, "--no-download", "--per-class", "3", "--out", out) == 0
     img = Image.open(out)
     assert img.mode == "L" and img.size[0] > 28 * 3
-    assert "train: 60000 images" in capsys.readouterr().out
+    assert "train: 600 images" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("backbone", ["unet", "dit"])
-def test_train_sample_export_end_to_end(real_mnist, tmp_path, backbone, capsys):
+def test_train_sample_export_end_to_end(synthetic_data, tmp_path, backbone, capsys):
     run_dir = tmp_path / backbone
-    assert (
-        run(
-            "train",
-            "--config",
-            ROOT / "configs/smoke.yaml",
-            "--run-dir",
-            run_dir,
-            "--model-type",
-            backbone,
-            "--data-dir",
-            real_mnist,
-        )
-        == 0
-    )
+    assert smoke_train(run_dir, synthetic_data, "--model-type", backbone) == 0
     state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert state["config"]["model"]["type"] == backbone
 
@@ -165,22 +159,10 @@ def test_train_sample_export_end_to_end(real_mnist, tmp_path, backbone, capsys):
     assert "forward_flops_per_image" in capsys.readouterr().out
 
 
-def test_same_seed_same_images_and_unconditional(real_mnist, tmp_path):
+def test_same_seed_same_images_and_unconditional(synthetic_data, tmp_path):
     run_dir = tmp_path / "u"
-    assert (
-        run(
-            "train",
-            "--config",
-            ROOT / "configs/smoke.yaml",
-            "--run-dir",
-            run_dir,
-            "--set",
-            "model.conditional=false",
-            "--steps",
-            "2",
-        )
-        == 0
-    )
+    extra = ("--set", "model.conditional=false", "--steps", "2")
+    assert smoke_train(run_dir, synthetic_data, *extra) == 0
     paths = [tmp_path / f"{i}.npz" for i in range(3)]
     for path, seed in zip(paths, (5, 5, 6), strict=True):
         assert (
@@ -207,7 +189,7 @@ def test_same_seed_same_images_and_unconditional(real_mnist, tmp_path):
     assert (np.load(paths[0])["labels"] == -1).all()
 
 
-def test_sample_errors(real_mnist, tmp_path, capsys):
+def test_sample_errors(tmp_path, capsys):
     assert run("sample", "--checkpoint", tmp_path / "missing") == 1
     assert "not found" in capsys.readouterr().err
     bad = tmp_path / "bad.pt"
@@ -216,9 +198,9 @@ def test_sample_errors(real_mnist, tmp_path, capsys):
     assert "not a readable mnistdiff checkpoint" in capsys.readouterr().err
 
 
-def test_evaluate_json(real_mnist, tmp_path, capsys):
+def test_evaluate_json(synthetic_data, tmp_path, capsys):
     run_dir = tmp_path / "e"
-    assert run("train", "--config", ROOT / "configs/smoke.yaml", "--run-dir", run_dir) == 0
+    assert smoke_train(run_dir, synthetic_data) == 0
     png = tmp_path / "s.png"
     # an option the sampler does not take is refused before sampling (smoke: ddim)
     for argv in (["--sampler", "euler", "--eta", "0.7"], ["--s-churn", "1"]):
@@ -287,9 +269,9 @@ def test_evaluate_json(real_mnist, tmp_path, capsys):
         assert result["inception_fid"] is None and "skipped" in result["inception_fid_note"]
 
 
-def test_evaluate_npz_and_sweeps(real_mnist, tmp_path):
+def test_evaluate_npz_and_sweeps(synthetic_data, tmp_path):
     run_dir = tmp_path / "e"
-    assert run("train", "--config", ROOT / "configs/smoke.yaml", "--run-dir", run_dir) == 0
+    assert smoke_train(run_dir, synthetic_data) == 0
     npz = tmp_path / "s.npz"
     assert (
         run(
@@ -308,7 +290,8 @@ def test_evaluate_npz_and_sweeps(real_mnist, tmp_path):
         == 0
     )
     out = tmp_path / "npz.json"
-    assert run("evaluate", "--samples", npz, "--json", out) == 0
+    data = ("--dataset", "synthetic", "--data-dir", synthetic_data)
+    assert run("evaluate", "--samples", npz, *data, "--json", out) == 0
     result = json.loads(out.read_text())
     assert result["num_samples"] == 30 and "class_accuracy" in result
 

@@ -3,6 +3,7 @@ import dataclasses
 import pytest
 import yaml
 
+from conftest import ROOT
 from mnistdiff.config import (
     Config,
     ConfigError,
@@ -23,11 +24,7 @@ def test_defaults_valid_and_round_trip():
 
 @pytest.mark.parametrize("name", ["smoke", "unet", "quick", "dit"])
 def test_shipped_configs_load_and_round_trip(name, tmp_path):
-    path = f"configs/{name}.yaml"
-    import os
-
-    if not os.path.exists(path):
-        pytest.skip(f"{path} not present")
+    path = ROOT / "configs" / f"{name}.yaml"  # a missing shipped config fails the test
     cfg = load_config(path)
     out = tmp_path / "c.yaml"
     save_config(cfg, out)
@@ -207,7 +204,7 @@ def test_from_config_overrides_and_sampler_change():
 
 def test_choice_lists_are_the_registries():
     from mnistdiff.config import DataConfig, DiffusionConfig, ModelConfig, SampleConfig, choices_of
-    from mnistdiff.data import DATASETS
+    from mnistdiff.datasets import DATASETS
     from mnistdiff.guidance import THRESHOLD_MODES
     from mnistdiff.losses import LOSSES
     from mnistdiff.models import BACKBONES

@@ -1,4 +1,6 @@
-"""Tests for mnistdiff.data: verified IDX reading, download, transforms, splits and batches."""
+"""Tests of the data modules: IDX reading and verification (idx), the dataset table and folders
+(datasets), downloads (download), loading and statistics (data), the synthetic digits
+(synthetic), transforms (transforms), and splits, batches and per-step seeds (seeding)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import http.server
 import os
 import socket
 import threading
+import types
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,36 +19,18 @@ import numpy as np
 import pytest
 import torch
 
-from mnistdiff import data
-from mnistdiff.data import (
-    DATASETS,
-    BatchIterator,
-    DataError,
-    DatasetInfo,
-    DataSpec,
-    IdxFile,
-    dataset_stats,
-    download_dataset,
-    from_model_range,
-    load_dataset,
-    pad_to,
-    read_idx_file,
-    resolve_data_dir,
-    to_model_range,
-    train_val_split,
-)
+from mnistdiff import synthetic
+from mnistdiff.data import DataSpec, MnistArrays, dataset_stats, load_dataset
+from mnistdiff.datasets import DATASETS, DatasetInfo, get_dataset_info, resolve_data_dir
+from mnistdiff.download import download_dataset
+from mnistdiff.idx import DataError, IdxFile, idx_bytes, read_idx_file
+from mnistdiff.seeding import BatchIterator, seed_for, step_generator, train_val_split
+from mnistdiff.transforms import crop_to, from_model_range, original_size, pad_to, to_model_range
 
 N_TRAIN, N_TEST = 5, 3
 
 
 # ----------------------------------------------------------------------------- tiny IDX files
-
-
-def idx_bytes(array: np.ndarray) -> bytes:
-    """Serialize a uint8 array [N] or [N,H,W] as IDX."""
-    magic = 0x801 if array.ndim == 1 else 0x803
-    header = b"".join(int(v).to_bytes(4, "big") for v in (magic, *array.shape))
-    return header + array.astype(np.uint8).tobytes()
 
 
 def tiny_arrays(seed: int = 0) -> dict[str, np.ndarray]:
@@ -310,18 +295,22 @@ def test_download_keeps_existing_files(tmp_path: Path, server: str) -> None:
 
 
 def test_dataset_table() -> None:
-    assert set(DATASETS) == {"mnist", "fashion_mnist", "kmnist"}
+    assert set(DATASETS) == {"mnist", "fashion_mnist", "kmnist", "synthetic"}
     for name, info in DATASETS.items():
-        assert info.name == name and info.num_classes == 10 and info.mirrors
-        assert [s.count for s in info.files] == [60000, 60000, 10000, 10000]
+        assert info.name == name and info.num_classes == 10
         assert all(len(s.gz_md5) == 32 for s in info.files)
+        downloaded = name != "synthetic"
+        assert bool(info.mirrors) is downloaded and (info.generator is None) is downloaded
+        counts = [60000, 60000, 10000, 10000] if downloaded else [600, 600, 100, 100]
+        assert [s.count for s in info.files] == counts
+    assert {n for n, i in DATASETS.items() if i.evaluator} == {"mnist", "synthetic"}
     mnist = DATASETS["mnist"]
     assert mnist.train_images.gz_name == "train-images-idx3-ubyte.gz"
     assert mnist.train_images.raw_md5 == "6bbc9ace898e44ae57da46a324031adb"
     assert mnist.mirrors[0] == "https://ossci-datasets.s3.amazonaws.com/mnist/"
     assert DATASETS["fashion_mnist"].classes[-1] == "Ankle boot"
-    with pytest.raises(ValueError, match="allowed: mnist, fashion_mnist, kmnist"):
-        data.get_dataset_info("cifar10")
+    with pytest.raises(ValueError, match="allowed: mnist, fashion_mnist, kmnist, synthetic$"):
+        get_dataset_info("cifar10")
 
 
 def test_mnist_gz_md5s_match_shared_md5sums() -> None:
@@ -343,6 +332,61 @@ def test_resolve_data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     assert resolve_data_dir(None, "fashion_mnist") == tmp_path / "f"
     monkeypatch.delenv("MNIST_DIR")
     assert resolve_data_dir(None) == tmp_path / "home/.cache/mnistdiff/mnist"
+
+
+# ----------------------------------------------------------------------------- synthetic digits
+
+
+def test_synthetic_files_are_official_idx_with_pinned_md5s(synthetic_data: str) -> None:
+    root = Path(synthetic_data)
+    info = DATASETS["synthetic"]
+    assert sorted(p.name for p in root.iterdir()) == sorted(s.gz_name for s in info.files)
+    for spec in info.files:
+        stored = (root / spec.gz_name).read_bytes()
+        raw = gzip.decompress(stored)
+        magic = 0x00000803 if spec.kind == "images" else 0x00000801
+        assert int.from_bytes(raw[:4], "big") == magic
+        assert int.from_bytes(raw[4:8], "big") == spec.count
+        assert hashlib.md5(raw).hexdigest() == spec.raw_md5  # same bytes on every machine
+    out = load_dataset("synthetic", root, download=False)
+    assert out.train_images.shape == (600, 28, 28) and out.test_images.shape == (100, 28, 28)
+    assert out.train_labels.bincount().tolist() == [60] * 10
+    assert out.test_labels.bincount().tolist() == [10] * 10
+    assert out.spec == DataSpec(channels=1, size=28, num_classes=10)
+
+
+def test_synthetic_digits_are_learnable_and_varied(synthetic_data: str) -> None:
+    """Nearest class mean (fit on train) names test digits far above chance (10%; jitter in
+    position, size and slant keeps it from being trivial); no two images are equal."""
+    out = load_dataset("synthetic", synthetic_data, download=False)
+    x = out.train_images.flatten(1).double()
+    means = torch.stack([x[out.train_labels == c].mean(0) for c in range(10)])
+    test = out.test_images.flatten(1).double()
+    predicted = torch.cdist(test, means).argmin(1)
+    assert float((predicted == out.test_labels).double().mean()) > 0.5
+    assert len(torch.unique(out.train_images.flatten(1), dim=0)) == 600
+    assert 0 < int(out.train_images.max()) <= 255 and int(out.train_images.min()) == 0
+
+
+def test_synthetic_is_generated_on_demand_and_verified(tmp_path: Path) -> None:
+    out = load_dataset("synthetic", tmp_path / "gen")  # "download" writes it locally
+    assert len(out.train_labels) == 600
+    path = tmp_path / "gen" / DATASETS["synthetic"].train_images.gz_name
+    images, _ = synthetic.synthetic_arrays("train")
+    images[0, 14, 14] ^= 1  # one pixel off: a valid file that is not the synthetic set
+    path.write_bytes(gzip.compress(idx_bytes(images)))
+    with pytest.raises(DataError, match="MD5 mismatch") as info:
+        load_dataset("synthetic", tmp_path / "gen", download=False)
+    assert path.name in str(info.value) and "SYNTHETIC_DIR" in str(info.value)
+    with pytest.raises(ValueError, match="allowed: train, test"):
+        synthetic.synthetic_arrays("val")
+
+
+def test_generation_into_unwritable_folder_is_clear(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(DataError, match="cannot create data folder"):
+        load_dataset("synthetic", blocker / "sub")
 
 
 # ----------------------------------------------------------------------------- real data
@@ -400,10 +444,19 @@ def test_pad_to() -> None:
         pad_to(x, 27)
 
 
+def test_crop_to_undoes_pad_to_and_original_size() -> None:
+    x = torch.randn(2, 1, 28, 28)
+    assert torch.equal(crop_to(pad_to(x, 32), 28), x)
+    assert crop_to(x, 28) is x
+    padded, plain = types.SimpleNamespace(pad_to_32=True), types.SimpleNamespace(pad_to_32=False)
+    assert original_size(DataSpec(size=32), padded) == 28
+    assert original_size(DataSpec(size=28), plain) == 28
+
+
 def test_dataset_stats_analytic() -> None:
     images = torch.tensor([[[0, 255]], [[0, 255]]], dtype=torch.uint8)  # half black, half white
     labels = torch.tensor([1, 1])
-    arrays = data.MnistArrays(images, labels, images, labels, DataSpec(size=2, num_classes=3))
+    arrays = MnistArrays(images, labels, images, labels, DataSpec(size=2, num_classes=3))
     stats = dataset_stats(arrays)["train"]
     assert stats["count"] == 2 and stats["label_hist"] == [0, 2, 0]
     assert stats["pixel_mean_01"] == pytest.approx(0.5) and stats["pixel_std_01"] == 0.5
@@ -424,6 +477,15 @@ def test_train_val_split() -> None:
     assert torch.equal(train0, torch.arange(7)) and len(val0) == 0
     with pytest.raises(ValueError, match="val_size must be an int in \\[0, 99\\]"):
         train_val_split(100, 100, seed=0)
+
+
+def test_step_seeds_depend_on_seed_step_and_rank_only() -> None:
+    seeds = {seed_for(s, step, r) for s in (0, 1) for step in (-1, 0, 1, 2) for r in (0, 1)}
+    assert len(seeds) == 16 and all(0 <= s < 2**63 - 1 for s in seeds)
+    assert seed_for(3, 7, 1) == seed_for(3, 7, 1)
+    a = torch.rand(5, generator=step_generator(3, 7))
+    assert torch.equal(a, torch.rand(5, generator=step_generator(3, 7)))
+    assert not torch.equal(a, torch.rand(5, generator=step_generator(3, 8)))
 
 
 def _epoch(it: BatchIterator) -> list[list[int]]:

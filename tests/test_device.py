@@ -88,9 +88,23 @@ def test_auto_needs_a_measured_bf16_speedup(monkeypatch):
     assert auto_precision(CPU) == "bf16"
 
 
-def test_bf16_speedup_probe_is_a_cached_positive_ratio():
-    ratio = dev._cpu_bf16_speedup()
-    assert ratio > 0 and dev._cpu_bf16_speedup() == ratio
+def test_bf16_speedup_probe_is_the_ratio_of_best_times_and_cached(monkeypatch):
+    """Fake clock: five timed fp32 matmuls, then five bf16 ones; the probe divides the best
+    (smallest) fp32 time by the best bf16 time, once per process."""
+    fp32_ms, bf16_ms = [5, 4, 6, 4, 7], [3, 2, 2, 5, 2.5]
+    ticks, now = [], 0.0
+    for ms in fp32_ms + bf16_ms:
+        ticks += [now, now + ms / 1000]
+        now += 1.0
+    clock = iter(ticks)
+    monkeypatch.setattr(dev.time, "perf_counter", lambda: next(clock))
+    dev._cpu_bf16_speedup.cache_clear()
+    try:
+        assert dev._cpu_bf16_speedup() == pytest.approx(4 / 2)
+        assert next(clock, None) is None  # every tick used: 5 timings per precision
+        assert dev._cpu_bf16_speedup() == pytest.approx(2.0)  # cached: no clock read left
+    finally:
+        dev._cpu_bf16_speedup.cache_clear()
 
 
 def test_forced_bf16_on_native_cpu_does_not_warn(monkeypatch, recwarn):

@@ -177,8 +177,12 @@ def test_precision_recall_hand_computed_1d():
 
 
 def test_precision_recall_bad_k():
-    with pytest.raises(ValueError, match="k"):
+    with pytest.raises(
+        ValueError, match=r"need 1 <= k < min\(len\(real\), len\(fake\)\); got k=3, 3, 3"
+    ):
         precision_recall(np.zeros((3, 2)), np.zeros((3, 2)), k=3)
+    with pytest.raises(ValueError, match=r"got k=0, 3, 4"):
+        precision_recall(np.zeros((3, 2)), np.zeros((4, 2)), k=0)
 
 
 # ----------------------------------------------------------------------------- classification

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import ROOT, mnist_dir
+from conftest import ROOT
 from mnistdiff import outputs, streaming
 from mnistdiff.atomic import atomic_path, atomic_write_text
 from mnistdiff.build import build_denoiser
@@ -44,14 +44,12 @@ def pipe() -> Pipeline:
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    """A 2-step smoke run on real MNIST (for the CLI)."""
-    data = mnist_dir()
-    if data is None:
-        pytest.skip("real MNIST not available (set MNIST_DIR)")
+def run_dir(tmp_path_factory, synthetic_data) -> Path:
+    """A 2-step smoke run on the synthetic digits (for the CLI)."""
     out = tmp_path_factory.mktemp("rel") / "run"
     cfg = ROOT / "configs" / "smoke.yaml"
-    argv = ["train", "--config", cfg, "--run-dir", out, "--steps", "2", "--data-dir", data]
+    data = ["--dataset", "synthetic", "--data-dir", synthetic_data]
+    argv = ["train", "--config", cfg, "--run-dir", out, "--steps", "2", *data]
     assert run(*argv) == 0
     return out
 
@@ -269,18 +267,16 @@ def test_load_npz_accepts_the_documented_forms(tmp_path):
 # --------------------------------------------------------------------------- data and caches
 
 
-def test_unreadable_data_folder_is_a_data_error(tmp_path):
-    data = mnist_dir()
-    if data is None:
-        pytest.skip("real MNIST not available (set MNIST_DIR)")
-    folder = tmp_path / "mnist"
-    shutil.copytree(data, folder)
+def test_unreadable_data_folder_is_a_data_error(tmp_path, synthetic_data):
+    folder = tmp_path / "digits"
+    shutil.copytree(synthetic_data, folder)
     folder.chmod(0)
     prefix = []
     if os.geteuid() == 0:  # root reads anything: drop the capabilities that allow it
         assert shutil.which("setpriv"), "need setpriv to test permissions as root"
         prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
-    argv = ["data", "--data-dir", folder, "--no-download", "--out", tmp_path / "g.png"]
+    argv = ["data", "--dataset", "synthetic", "--data-dir", folder, "--no-download"]
+    argv += ["--out", tmp_path / "g.png"]
     try:
         proc = subprocess.run(
             [*prefix, sys.executable, "-m", "mnistdiff", *map(str, argv)],
@@ -304,13 +300,14 @@ class _TinyEvaluator:
         return torch.stack([x.mean(1), x.std(1), x[:, 400]], 1), None
 
 
-def test_truncated_reference_cache_is_recomputed(tmp_path, real_mnist):
+def test_truncated_reference_cache_is_recomputed(tmp_path, synthetic_data):
     from mnistdiff.metrics import reference_stats
 
-    first = reference_stats(_TinyEvaluator(), cache_dir=tmp_path)
+    data = {"dataset": "synthetic", "data_dir": synthetic_data, "cache_dir": tmp_path}
+    first = reference_stats(_TinyEvaluator(), **data)
     (path,) = tmp_path.glob("*.npz")
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    again = reference_stats(_TinyEvaluator(), cache_dir=tmp_path)
+    again = reference_stats(_TinyEvaluator(), **data)
     assert np.array_equal(again["mu"], first["mu"]) and np.allclose(again["sigma"], first["sigma"])
     with np.load(path) as z:  # the cache was rewritten whole
         assert np.array_equal(z["features"], first["features"])

@@ -227,7 +227,7 @@ def test_time_budget_fits_schedule_and_stops(smoke_cfg):
         assert any("time budget:" in m for m in messages)
 
 
-def test_time_budget_up_stops_immediately(smoke_cfg):
+def test_time_budget_up_stops_immediately():
     from mnistdiff.train import Progress, TimeBudget
 
     budget = TimeBudget(1e-9, cap=50)
@@ -244,8 +244,8 @@ def test_in_training_evaluation_and_best_by_fd(smoke_cfg):
     cfg = smoke_cfg(
         "train.steps=null",
         "train.epochs=2",
-        "data.val_size=59000",
-        "train.batch_size=250",
+        "data.val_size=400",
+        "train.batch_size=50",
         "train.eval_every_epochs=1",
         "train.eval_num_samples=20",
         "train.best_by=fd_mnist",

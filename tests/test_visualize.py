@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, mnist_dir
+from conftest import ROOT, SYNTHETIC
 from mnistdiff import visualize
 from mnistdiff.cli import build_parser, main
 from mnistdiff.schedules import build_schedule
@@ -29,16 +29,14 @@ def assert_png(path: Path) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    """A smoke-config model, trained once for this module (a few seconds)."""
-    data = mnist_dir()
-    if data is None:
-        pytest.skip("real MNIST not available (set MNIST_DIR)")
+def run_dir(tmp_path_factory, synthetic_data):
+    """A smoke-config model on the synthetic digits, trained once for this module."""
     from mnistdiff.config import load_config
     from mnistdiff.train import train
 
     out = tmp_path_factory.mktemp("vis") / "run"
-    cfg = load_config(SMOKE, [f"train.run_dir={out}", f"data.data_dir={data}"])
+    data = [*SYNTHETIC, f"data.data_dir={synthetic_data}"]
+    cfg = load_config(SMOKE, [f"train.run_dir={out}", *data])
     return train(cfg, log=lambda *a, **k: None)
 
 

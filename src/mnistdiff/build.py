@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from .config import Config, DataConfig
-from .data import DataSpec, load_dataset, pad_to, to_model_range, train_val_split
+from .data import DataSpec, load_dataset
 from .models import build_backbone
 from .parameterization import Denoiser
 from .schedules import build_schedule
+from .seeding import train_val_split
+from .transforms import pad_to, to_model_range
 
 
 @dataclass(frozen=True)
@@ -59,31 +60,3 @@ def build_denoiser(cfg: Config, spec: DataSpec) -> Denoiser:
     schedule = build_schedule(cfg.diffusion.schedule, cfg.diffusion.num_timesteps)
     shape = (spec.channels, spec.size, spec.size)
     return Denoiser(backbone, schedule, cfg.diffusion.prediction, spec.num_classes, shape)
-
-
-def crop_to(x: Tensor, size: int) -> Tensor:
-    """Center-crop ``[..., S, S]`` images to ``size`` (undo :func:`pad_to`)."""
-    s = x.shape[-1]
-    if s == size:
-        return x
-    o = (s - size) // 2
-    return x[..., o : o + size, o : o + size]
-
-
-def original_size(spec: DataSpec, cfg: DataConfig) -> int:
-    """Image size before padding (what users and the evaluator see)."""
-    return 28 if cfg.pad_to_32 else spec.size
-
-
-def seed_for(seed: int, step: int, rank: int = 0) -> int:
-    """A well-mixed 63-bit seed derived from ``(seed, step, rank)``."""
-    x = seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + rank * 0x94D049BB133111EB
-    x ^= x >> 31
-    return x % (2**63 - 1)
-
-
-def step_generator(
-    seed: int, step: int, rank: int = 0, device: torch.device | str = "cpu"
-) -> torch.Generator:
-    """The generator for one training step (exact resume depends only on these numbers)."""
-    return torch.Generator(device=device).manual_seed(seed_for(seed, step, rank))

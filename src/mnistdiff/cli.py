@@ -103,7 +103,8 @@ def cmd_config(args) -> int:
 
 
 def cmd_data(args) -> int:
-    from .data import dataset_stats, get_dataset_info, load_dataset
+    from .data import dataset_stats, load_dataset
+    from .datasets import get_dataset_info
     from .images import save_grid
     from .sample import label_tensor
 
@@ -460,9 +461,9 @@ def _digits(text: str) -> list[int]:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from .checkpoint import CheckpointError
     from .config import ConfigError
-    from .data import DataError
     from .device import DeviceError
     from .evaluator import EvaluatorError
+    from .idx import DataError
     from .train import TrainingError
 
     return (

@@ -87,7 +87,7 @@ def choices_of(meta: Any) -> tuple | None:
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = _opt("mnist", choices=_registry("mnistdiff.data", "DATASETS"))
+    dataset: str = _opt("mnist", choices=_registry("mnistdiff.datasets", "DATASETS"))
     data_dir: str | None = _opt(None, help="IDX folder; else $MNIST_DIR (or $<NAME>_DIR), cache")
     download: bool = _opt(True, help="download missing files from the public mirrors")
     val_size: int = _opt(5000, lo=0, hi=59000, help="held-out training images for validation")

@@ -32,8 +32,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from .data import BatchIterator
 from .parameterization import Denoiser
+from .seeding import BatchIterator
 
 TIMEOUT_ENV = "MNISTDIFF_DIST_TIMEOUT_MIN"
 

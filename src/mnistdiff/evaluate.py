@@ -21,6 +21,7 @@ from . import make_callable
 from .atomic import atomic_path, atomic_write_text
 from .config import ConfigError, SampleOptions, parse_flag
 from .data import load_dataset
+from .datasets import DATASETS
 from .distributed import (
     DistContext,
     barrier,
@@ -29,7 +30,7 @@ from .distributed import (
     setup,
     teardown,
 )
-from .evaluator import load_evaluator
+from .evaluator import load_evaluator, require_evaluator
 from .likelihood import (  # noqa: F401  (re-exported: model-side metrics moved there)
     bits_per_dim,
     likelihood_metrics,
@@ -50,11 +51,16 @@ SWEEPABLE = (
 
 
 def evaluate_images(
-    images, labels=None, *, seed: int = 0, data_dir=None, evaluator=None
+    images, labels=None, *, seed: int = 0, data_dir=None, evaluator=None, dataset: str = "mnist"
 ) -> dict[str, Any]:
-    """Metrics of uint8 images (``labels`` optional) against the MNIST test reference."""
+    """Metrics of uint8 images (``labels`` optional) against ``dataset``'s test reference.
+
+    Raises:
+        EvaluatorError: if no shipped evaluator scores ``dataset`` (only mnist has one).
+    """
+    require_evaluator(dataset)
     evaluator = evaluator or load_evaluator()
-    ref = reference_stats(evaluator, data_dir=data_dir)
+    ref = reference_stats(evaluator, dataset=dataset, data_dir=data_dir)
     return image_metrics(evaluator, images, labels, ref, seed=seed)
 
 
@@ -81,6 +87,7 @@ def evaluate_pipeline(
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    require_evaluator(pipe.cfg.data.dataset)  # before any sampling
     ctx = ctx or current_context()
     opts = pipe.default_options(**options)
     batch_size = batch_size or pipe.cfg.sample.batch_size
@@ -103,15 +110,16 @@ def evaluate_pipeline(
     seconds = time.perf_counter() - t0  # wall time, including the gather on rank 0
     if not ctx.is_main:
         return broadcast_object(None, ctx)
+    data = pipe.cfg.data
     result = evaluate_images(
-        images, labels, seed=seed, data_dir=pipe.cfg.data.data_dir, evaluator=evaluator
+        images, labels, seed=seed, data_dir=data.data_dir, evaluator=evaluator, dataset=data.dataset
     )
     if save_samples is not None:
         no_labels = torch.full((num_samples,), -1)
         save_npz(save_samples, images, labels if labels is not None else no_labels)
         result["samples_file"] = str(save_samples)
     if inception:
-        result.update(inception_fid(images, data_dir=pipe.cfg.data.data_dir))
+        result.update(inception_fid(images, data_dir=data.data_dir, dataset=data.dataset))
     result.update(opts.record())
     result.update(
         nfe=nfe,
@@ -167,8 +175,8 @@ def evaluate(
     )
 
 
-def inception_fid(images: torch.Tensor, *, data_dir=None) -> dict[str, Any]:
-    """ImageNet-Inception FID against the MNIST test set via torch-fidelity (optional extra).
+def inception_fid(images: torch.Tensor, *, data_dir=None, dataset: str = "mnist") -> dict[str, Any]:
+    """ImageNet-Inception FID against ``dataset``'s test set via torch-fidelity (optional extra).
 
     Clearly labelled ``inception_fid``; skipped with a message when torch-fidelity or its
     Inception weights are unavailable.
@@ -180,7 +188,7 @@ def inception_fid(images: torch.Tensor, *, data_dir=None) -> dict[str, Any]:
             "inception_fid": None,
             "inception_fid_note": "skipped: pip install 'mnistdiff[fid]' (torch-fidelity)",
         }
-    test = load_dataset("mnist", data_dir).test_images
+    test = load_dataset(dataset, data_dir).test_images
     try:
         out = torch_fidelity.calculate_metrics(
             input1=_RGBImages(images), input2=_RGBImages(test), fid=True, verbose=False
@@ -426,6 +434,12 @@ def add_evaluate_args(p, add_sampling_args) -> None:
         help="also ImageNet-Inception FID (needs the 'fid' extra: torch-fidelity)",
     )
     p.add_argument("--data-dir", help="folder with the MNIST IDX files")
+    p.add_argument(
+        "--dataset",
+        default="mnist",
+        choices=[name for name, info in DATASETS.items() if info.evaluator],
+        help="reference test set of --samples and --real-floor (a checkpoint names its own)",
+    )
     p.add_argument("--json", help="write the results as JSON")
     p.add_argument("--out-dir", help="where sweep tables and plots go (default: beside --json)")
     p.add_argument("--save-samples", metavar="FILE.npz", help="also write the evaluated images")
@@ -453,11 +467,17 @@ def run_evaluate_cli(args) -> int:
             return 0
         if args.real_floor:
             result = real_data_floor(
-                load_evaluator(), args.num_samples, seed=args.seed, data_dir=args.data_dir
+                load_evaluator(),
+                args.num_samples,
+                seed=args.seed,
+                data_dir=args.data_dir,
+                dataset=args.dataset,
             )
             return _report([result], args, {})
         images, labels = load_npz(args.samples)
-        result = evaluate_images(images, labels, seed=args.seed, data_dir=args.data_dir)
+        result = evaluate_images(
+            images, labels, seed=args.seed, data_dir=args.data_dir, dataset=args.dataset
+        )
         result["source"] = str(args.samples)
         return _report([result], args, {})
     finally:

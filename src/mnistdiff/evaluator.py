@@ -37,7 +37,34 @@ MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # pixel statistics of the MNIST training
 
 
 class EvaluatorError(RuntimeError):
-    """The evaluator weights are missing, corrupted or incompatible with ``FeatureNet``."""
+    """The evaluator weights are missing, corrupted or incompatible with ``FeatureNet``, or no
+    shipped evaluator scores the requested dataset."""
+
+
+def require_evaluator(dataset: str) -> str:
+    """Name of the shipped evaluator that scores samples of ``dataset``.
+
+    Only MNIST has one (the synthetic test digits are scored with it for pipeline tests). The
+    MNIST digit classifier would score Fashion-MNIST or KMNIST images against MNIST test digits,
+    which measures nothing, so those are refused rather than scored.
+
+    Raises:
+        EvaluatorError: when no shipped evaluator fits ``dataset`` (the message says which do).
+        ValueError: for a dataset name not in the table.
+    """
+    from mnistdiff.datasets import DATASETS, get_dataset_info
+
+    info = get_dataset_info(dataset)
+    if info.evaluator is None:
+        ok = ", ".join(name for name, entry in DATASETS.items() if entry.evaluator)
+        raise EvaluatorError(
+            f"cannot evaluate samples of dataset {info.name!r}: only mnist has a shipped "
+            f"evaluator (the MNIST digit classifier would score {info.name} images against MNIST "
+            f"test digits, which measures nothing); datasets that can be evaluated: {ok}. "
+            f"Sample it with `mnistdiff sample` instead; in training set "
+            f"train.eval_every_epochs=0 and train.best_by=val_loss"
+        )
+    return info.evaluator
 
 
 def _conv_bn(c_in: int, c_out: int) -> list[nn.Module]:

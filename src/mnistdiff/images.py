@@ -23,7 +23,7 @@ def _as_uint8_stack(images: torch.Tensor | np.ndarray) -> np.ndarray:
     if images.dtype != np.uint8:
         raise TypeError(
             f"expected uint8 images, got {images.dtype}; convert model outputs with "
-            "mnistdiff.data.from_model_range"
+            "mnistdiff.transforms.from_model_range"
         )
     if images.ndim == 4 and images.shape[1] == 1:
         images = images[:, 0]

@@ -27,10 +27,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .data import load_dataset, pad_to, to_model_range
+from .data import load_dataset
 from .losses import diffusion_loss
 from .sample import Pipeline
 from .schedules import FLOW_SIGMA_TILDE_MAX, FLOW_SIGMA_TILDE_MIN, Schedule
+from .transforms import pad_to, to_model_range
 
 Denoise = Callable[[Tensor, Tensor], Tensor]
 Prior = Callable[[Tensor, float], Tensor]

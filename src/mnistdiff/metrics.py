@@ -364,17 +364,20 @@ def real_data_floor(
     cache_dir: str | Path | None = None,
     k: int = 3,
     kid_subsets: int = 100,
+    dataset: str = "mnist",
 ) -> dict[str, Any]:
-    """``image_metrics`` of ``n`` random real TRAINING images (with labels) against the test
-    reference: the score of a perfect generator at sample size ``n``."""
+    """``image_metrics`` of ``n`` random real TRAINING images (with labels) of ``dataset``
+    against its test reference: the score of a perfect generator at sample size ``n``."""
     from mnistdiff.data import load_dataset
 
-    data = load_dataset(dataset="mnist", data_dir=data_dir)
+    data = load_dataset(dataset=dataset, data_dir=data_dir)
     if not 1 <= n <= len(data.train_labels):
         raise ValueError(f"n must be in [1, {len(data.train_labels)}], got {n}")
     idx = torch.randperm(len(data.train_labels), generator=torch.Generator().manual_seed(seed))[:n]
     if reference is None:
-        reference = reference_stats(evaluator, data_dir=data_dir, cache_dir=cache_dir)
+        reference = reference_stats(
+            evaluator, dataset=dataset, data_dir=data_dir, cache_dir=cache_dir
+        )
     return image_metrics(
         evaluator,
         data.train_images[idx],

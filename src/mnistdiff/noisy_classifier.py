@@ -349,8 +349,9 @@ def train_classifier(
     Returns:
         The metadata written beside the weights.
     """
-    from .build import prepare_images, seed_for
+    from .build import prepare_images
     from .data import load_dataset
+    from .seeding import seed_for
 
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")

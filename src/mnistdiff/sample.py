@@ -15,16 +15,18 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from .build import build_denoiser, crop_to, original_size, seed_for
+from .build import build_denoiser
 from .checkpoint import checkpoint_config, load_checkpoint, load_weights, read_export, resolve
 from .config import Config, SampleOptions
-from .data import DataSpec, from_model_range
+from .data import DataSpec
 from .device import Precision, select_device, select_precision
 from .distributed import DistContext, batch_shares, gather_rows, share_rows
 from .guidance import classifier_free, classifier_guided, thresholded, unconditional
 from .parameterization import Denoiser
 from .samplers import get_sampler, initial_sample, steps_for_nfe
 from .schedules import time_grid
+from .seeding import seed_for
+from .transforms import crop_to, from_model_range, original_size
 
 
 @dataclass(frozen=True)

@@ -36,14 +36,7 @@ from torch.profiler import record_function
 from tqdm import tqdm
 
 from . import distributed, make_callable
-from .build import (
-    TrainData,
-    crop_to,
-    load_train_data,
-    original_size,
-    seed_for,
-    step_generator,
-)
+from .build import TrainData, load_train_data
 from .checkpoint import (
     DiskFullError,
     checkpoint_config,
@@ -51,7 +44,6 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import Config, diff, save_config
-from .data import from_model_range
 from .device import describe, select_device, select_precision
 from .distributed import DistContext
 from .images import make_grid, save_grid
@@ -60,6 +52,7 @@ from .parameterization import Denoiser
 from .rundir import RunDirBusyError, lock_run_dir, remove_stale_temps
 from .sample import SampleOptions, generate, label_tensor
 from .schedules import sample_training_times
+from .seeding import seed_for, step_generator
 from .tracking import RunLogger, plot_loss_curves
 from .trainstate import (  # re-exported: the public names of training live here
     DEFAULT_TASK,
@@ -71,6 +64,7 @@ from .trainstate import (  # re-exported: the public names of training live here
     build_optimizer,
     load_optimizer_state,
 )
+from .transforms import crop_to, from_model_range, original_size
 
 __all__ = [
     "Batch",
@@ -695,7 +689,9 @@ def _evaluate(state: TrainState, run: _Run) -> None:
     cfg, p = state.cfg, state.progress
     n = cfg.train.eval_num_samples
     images, labels = _sample(state, run, n, -(-n // state.spec.num_classes))
-    metrics = evaluate_images(images, labels, seed=cfg.train.seed, data_dir=cfg.data.data_dir)
+    metrics = evaluate_images(
+        images, labels, seed=cfg.train.seed, data_dir=cfg.data.data_dir, dataset=cfg.data.dataset
+    )
     record = {"step": p.step, "epoch": p.epoch, "eval_num_samples": n}
     for key in ("fd_mnist", "kid", "precision", "recall", "class_accuracy"):
         if metrics.get(key) is not None:

@@ -23,11 +23,12 @@ from . import distributed
 from .build import build_denoiser
 from .checkpoint import load_weights
 from .config import Config, to_dict
-from .data import BatchIterator, DataSpec
+from .data import DataSpec
 from .device import Precision
 from .distributed import DistContext
 from .ema import EMA
 from .parameterization import Denoiser
+from .seeding import BatchIterator
 
 if TYPE_CHECKING:
     from .train import TrainTask

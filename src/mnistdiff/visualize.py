@@ -109,7 +109,8 @@ def load_digit(
         dataset: dataset name (see :func:`mnistdiff.data.load_dataset`).
         data_dir: data folder (None: ``$MNIST_DIR`` or the cache).
     """
-    from .data import load_dataset, to_model_range
+    from .data import load_dataset
+    from .transforms import to_model_range
 
     data = load_dataset(dataset, data_dir)
     rows = torch.arange(len(data.test_labels))

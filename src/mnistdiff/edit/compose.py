@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..build import seed_for
 from ..samplers import initial_sample
+from ..seeding import seed_for
 from .core import check_labels, generator, randn, sample_from, sampling, to_uint8
 from .inversion import generation_grid
 from .restyle import restyle

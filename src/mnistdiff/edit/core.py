@@ -17,11 +17,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from ..build import crop_to, original_size, prepare_images, seed_for
-from ..data import from_model_range
+from ..build import prepare_images
 from ..guidance import classifier_free, thresholded, unconditional
 from ..samplers import SampleResult, get_sampler
 from ..schedules import Schedule, time_grid
+from ..seeding import seed_for
+from ..transforms import crop_to, from_model_range, original_size
 
 if TYPE_CHECKING:
     from ..sample import Pipeline

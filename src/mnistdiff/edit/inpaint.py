@@ -29,8 +29,8 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from ..build import seed_for
-from ..data import pad_to
+from ..seeding import seed_for
+from ..transforms import pad_to
 from .core import (
     EditResult,
     batches,

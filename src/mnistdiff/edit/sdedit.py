@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from ..build import seed_for
+from ..seeding import seed_for
 from .core import (
     EditResult,
     batches,
