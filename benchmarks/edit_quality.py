@@ -86,7 +86,7 @@ def bench_inversion(pipe, images, labels, nfes: list[int], batch: int) -> list[d
                         "label": use_label,
                         "nfe_invert": out.info["nfe_invert"],
                         "nfe_decode": out.info["nfe_decode"],
-                        "steps": out.info["steps"],
+                        "steps": out.info["options"]["steps"],
                         "mean_psnr": round(float(psnr.mean()), 3),
                         "min_psnr": round(float(psnr.min()), 3),
                         "frac_psnr_ge_25": round(float((psnr >= 25).float().mean()), 4),

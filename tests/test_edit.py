@@ -52,6 +52,16 @@ def tiny_pipe(*overrides, seed=0):
     return Pipeline(cfg, spec, denoiser, cpu, select_precision("fp32", cpu), Path("."))
 
 
+def labels_matter(pipe, seed=0):
+    """Fill the backbone's zero-initialised layers with noise, so labels (and guidance) act."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in pipe.denoiser.backbone.parameters():
+            if not p.any():
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    return pipe
+
+
 def digits(n=3, seed=0):
     """Random MNIST-like uint8 images: a bright blob on black."""
     g = torch.Generator().manual_seed(seed)
@@ -100,11 +110,20 @@ def test_stepwise_driver_equals_one_run_for_one_step_samplers():
     schedule = build_schedule("cosine", 1000)
     den = gaussian_denoiser(schedule)
     x = torch.randn(4, 1, 4, 4, generator=torch.Generator().manual_seed(1))
-    for name in ("ddim", "ddpm", "heun"):
+    cases = [("ddim", {}), ("ddpm", {}), ("heun", {}), ("ddim", {"eta": 0.5})]
+    cases += [("heun", {"s_churn": 3.0}), ("euler", {"s_churn": 5.0, "s_noise": 1.007})]
+    for name, kwargs in cases:
         ts = full_grid(schedule, name, 7)
-        full = run_sampler(name, den, x, schedule, ts, gen=torch.Generator().manual_seed(2))
-        steps = run_steps(name, den, x, schedule, ts, gen=torch.Generator().manual_seed(2))
-        assert torch.equal(full.x, steps.x) and full.nfe == steps.nfe
+        full = run_sampler(
+            name, den, x, schedule, ts, gen=torch.Generator().manual_seed(2), sampler_kwargs=kwargs
+        )
+        steps = run_steps(
+            name, den, x, schedule, ts, gen=torch.Generator().manual_seed(2), sampler_kwargs=kwargs
+        )
+        assert torch.equal(full.x, steps.x) and full.nfe == steps.nfe, (name, kwargs)
+        if kwargs:  # the options act (churn per step is s_churn / N in both)
+            plain = run_sampler(name, den, x, schedule, ts, gen=torch.Generator().manual_seed(2))
+            assert not torch.allclose(plain.x, full.x), (name, kwargs)
 
 
 def test_truncated_grid_starts_at_strength_and_keeps_the_rest():
@@ -230,6 +249,115 @@ def test_compose_layout_and_operators_on_synthetic_glyphs():
     assert [r - l for l, r in boxes] == [3, 12, 3] or boxes[1][1] - boxes[1][0] >= 12
     assert boxes[1][0] - boxes[0][1] == 2 and boxes[2][0] - boxes[1][1] == 2
     assert int(canvas[14, boxes[0][0]]) == 255 and canvas.shape[1] == boxes[-1][1] + 2
+
+
+# --------------------------------------------------------------------------- options
+
+
+def test_edits_take_samplings_options_and_record_them():
+    """Options are config.SampleOptions: the sampler's own options act in edits, seeded."""
+    from mnistdiff import SampleOptions
+
+    pipe, images = tiny_pipe(), digits(2)
+    base = dict(sampler="heun", steps=4, seed=3)
+    plain = edit.sdedit(pipe, images, 0.8, [1, 2], **base)
+    churn = edit.sdedit(pipe, images, 0.8, [1, 2], s_churn=20.0, **base)
+    again = edit.sdedit(pipe, images, 0.8, [1, 2], s_churn=20.0, **base)
+    assert torch.equal(churn.images, again.images)  # deterministic given the seed
+    assert not torch.equal(churn.images, plain.images)  # the option acts
+    record = churn.info["options"]
+    assert record["sampler"] == "heun" and record["s_churn"] == 20.0 and "eta" not in record
+    assert SampleOptions(**record) == edit.sampling(pipe, sampler="heun", steps=4, s_churn=20.0)
+    # the RePaint driver passes them on too; so do guidance rescale and interval
+    kw = dict(method="replace", steps=4, seed=1, sampler="ddim")
+    ip = edit.inpaint(pipe, images, "bottom", [1, 2], **kw)
+    ip_eta = edit.inpaint(pipe, images, "bottom", [1, 2], eta=1.0, **kw)
+    assert not torch.equal(ip.images, ip_eta.images) and ip_eta.info["options"]["eta"] == 1.0
+    pipe, guided = labels_matter(pipe), dict(sampler="ddim", steps=4, seed=3, guidance=4.0)
+    g0 = edit.sdedit(pipe, images, 0.8, [1, 2], **guided)
+    g1 = edit.sdedit(pipe, images, 0.8, [1, 2], guidance_rescale=1.0, **guided)
+    g2 = edit.sdedit(pipe, images, 0.8, [1, 2], guidance_interval=(0.0, 0.1), **guided)
+    assert not torch.equal(g0.images, g1.images) and not torch.equal(g0.images, g2.images)
+    assert g2.info["options"]["guidance_interval"] == [0.0, 0.1]
+
+
+def test_an_edit_started_from_noise_samples_exactly_as_sample_does():
+    """One denoise construction and one options type: edit.core == Pipeline.generate."""
+    from mnistdiff.edit.core import generator, grid_for, randn, sample_from
+    from mnistdiff.samplers import initial_sample
+
+    pipe, labels = labels_matter(tiny_pipe()), torch.tensor([3, 8, 1])
+    over = dict(sampler="ddim", steps=4, eta=0.6, guidance=3.0, guidance_rescale=0.5)
+    over["guidance_interval"] = (0.2, 0.9)
+    opts = edit.sampling(pipe, **over)
+    gen = generator(pipe, 5)  # seeded as batch 0 of seed 5
+    ts = grid_for(opts, pipe.denoiser.schedule)
+    x = initial_sample(pipe.denoiser.schedule, ts, randn(pipe, 3, gen))
+    ours = sample_from(pipe, x, ts, labels, opts, gen=gen)
+    theirs = pipe.generate(labels, seed=5, batch_size=3, **over)
+    assert torch.equal(ours.x, theirs.x) and ours.nfe == theirs.nfe
+
+
+def test_inapplicable_or_noisy_options_are_errors():
+    from mnistdiff.config import ConfigError
+
+    pipe, images = tiny_pipe(), digits(2)
+    with pytest.raises(ConfigError, match="does not apply to sampler 'dpmpp_2m'"):
+        edit.sdedit(pipe, images, 0.5, sampler="dpmpp_2m", eta=0.3, steps=3)
+    with pytest.raises(ConfigError, match="does not apply to sampler 'ddim'.*euler, heun"):
+        edit.inpaint(pipe, images, "bottom", sampler="ddim", s_churn=1.0, steps=3)
+    with pytest.raises(ConfigError, match="sample.s_churn"):
+        edit.sdedit(pipe, images, 0.5, sampler="heun", s_churn=-1.0, steps=3)
+    # inversion (and so restyle, reconstruct, interpolation) needs the deterministic ODE
+    with pytest.raises(ValueError, match=r"eta=0.5 makes ddim draw noise; use eta=0"):
+        edit.invert(pipe, images, sampler="ddim", eta=0.5, steps=3)
+    with pytest.raises(ValueError, match=r"s_churn=2.0 makes heun draw noise"):
+        edit.reconstruct(pipe, images, sampler="heun", s_churn=2.0, steps=3)
+    with pytest.raises(ValueError, match=r"s_churn=2.0 makes euler draw noise"):
+        edit.restyle(pipe, images, 3, sampler="euler", s_churn=2.0, steps=3)
+    with pytest.raises(ValueError, match="needs a deterministic sampler; 'ddpm'"):
+        edit.interpolate(pipe, 3, seeds=(1, 2), sampler="ddpm", steps=3)
+    with pytest.raises(ValueError, match="steps or nfe, not both"):
+        edit.sdedit(pipe, images, 0.5, steps=3, nfe=3)
+    with pytest.raises(ValueError, match="classifier guidance is not available in edits"):
+        edit.inpaint(pipe, images, "bottom", [1, 2], classifier="noisy.safetensors", steps=3)
+
+
+def test_inversion_sets_the_configs_noise_options_to_zero():
+    """A config that samples with eta > 0 still inverts: its own eta (not asked for) becomes 0."""
+    pipe = tiny_pipe("sample.sampler=ddim", "sample.eta=0.7")
+    inv = edit.invert(pipe, digits(2), [1, 2], steps=3)
+    assert inv.sampling.sampler == "ddim" and inv.sampling.eta == 0.0
+    assert edit.sampling(pipe).eta == 0.7  # sampling itself keeps the config's value
+    churny = tiny_pipe("sample.sampler=heun", "sample.s_churn=4")
+    assert edit.invert(churny, digits(1), steps=3).sampling.s_churn == 0.0
+    z = edit.invert(churny, digits(1), steps=3).latents
+    assert torch.equal(z, edit.invert(churny, digits(1), steps=3).latents)  # no noise drawn
+    # decoding starts from the inversion's options; overrides win (nfe picks the steps)
+    x, nfe = edit.decode(churny, edit.invert(churny, digits(1), steps=3), nfe=5)
+    assert nfe == 5 and x.shape == (1, 1, 28, 28)
+
+
+def test_edit_commands_have_the_sample_commands_sampling_flags():
+    from mnistdiff.cli import build_parser
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+
+    def flags(parser):
+        return {name for action in parser._actions for name in action.option_strings}
+
+    methods = commands["edit"]._subparsers._group_actions[0].choices
+    sampling = flags(commands["sample"]) - {"--digits", "--per-class", "--num", "--gif"}
+    sampling -= {"--unconditional", "--out", "--save-npz", "--checkpoint", "-h", "--help"}
+    assert {"--s-churn", "--eta", "--guidance-rescale", "--guidance-interval"} <= sampling
+    for name, parser in [*methods.items(), ("compose", commands["compose"])]:
+        assert sampling <= flags(parser), (name, sampling - flags(parser))
+    args = build_parser().parse_args(
+        ["edit", "sdedit", "--checkpoint", "c", "--sampler", "heun", "--s-churn", "3"]
+    )
+    from mnistdiff.cli import sampling_overrides
+
+    assert sampling_overrides(args) == {"sampler": "heun", "s_churn": 3.0}
 
 
 # --------------------------------------------------------------------------- inputs
@@ -446,6 +574,9 @@ def test_cli_bad_input_exits_nonzero_and_writes_nothing(trained, tmp_path, capsy
         (["edit", "sdedit", "--from-test", "1", "--label", "12"], "outside the model's classes"),
         (["compose", "12x"], "allowed are the digits"),
         (["edit", "invert", "--from-test", "1", "--sampler", "ddpm"], "cannot run backwards"),
+        (["edit", "invert", "--from-test", "1", "--sampler", "ddim", "--eta", "0.3"], "use eta=0"),
+        (["edit", "sdedit", "--from-test", "1", "--sampler", "euler", "--eta", "0.3"], "apply"),
+        (["edit", "inpaint", "--from-test", "1", "--mask", "top", "--s-churn", "2"], "apply"),
     ]
     for argv, message in cases:
         assert run(*argv, "--checkpoint", run_dir, "--steps", "2", "--out", out) == 1, argv

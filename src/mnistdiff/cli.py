@@ -310,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="generate images from a checkpoint, run or export")
     p.add_argument("--checkpoint", help=CHECKPOINT_HELP)
-    _add_sampling_args(p)
+    add_sampling_args(p)
     p.add_argument("--digits", type=_digits, help="comma-separated classes, e.g. 3,7")
     p.add_argument("--per-class", type=positive_int, help="a grid with N images of every class")
     p.add_argument("--num", type=positive_int, help="number of images")
@@ -338,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="FD/KID/precision/recall/class accuracy, sweeps")
     from .evaluate import add_evaluate_args
 
-    add_evaluate_args(p, _add_sampling_args)
+    add_evaluate_args(p, add_sampling_args)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("visualize", help="figures: forward, schedules, trajectory, guidance, nfe")
@@ -403,9 +403,11 @@ def cmd_train_classifier(args) -> int:
 # --- end classifier guidance
 
 
-def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
     """One flag per field of the config's ``sample`` section (``--eta``, ``--s-churn``, ...),
-    parsed and validated as the config key is; plus ``--nfe``, ``--seed``, ``--device``."""
+    parsed and validated as the config key is; plus ``--nfe``, ``--seed``, ``--device``,
+    ``--no-ema``. ``sample``, ``evaluate``, ``edit`` and ``compose`` share this set;
+    :func:`sampling_overrides` reads the given ones back."""
     import dataclasses
 
     from .config import SampleConfig, choices_of

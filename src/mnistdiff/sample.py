@@ -38,7 +38,7 @@ class Samples:
     nfe: int
 
 
-def _denoise_fn(
+def denoise_fn(
     denoiser: Denoiser,
     labels: Tensor | None,
     opts: SampleOptions,
@@ -46,6 +46,22 @@ def _denoise_fn(
     precision: Precision,
     classifier=None,
 ) -> Callable:
+    """The denoise function sampling and editing run: guidance(s), then thresholding.
+
+    Args:
+        denoiser: the model (``denoiser(x, t, y) -> x0_hat``), run under ``precision``.
+        labels: int64 ``[B]`` on the model's device, or None (null label).
+        opts: ``guidance`` (``u + w (c - u)``), ``guidance_rescale``, ``guidance_interval``
+            and ``threshold`` apply.
+        conditional: whether the model takes labels (else labels are ignored).
+        precision: the autocast policy.
+        classifier: a noisy classifier for classifier guidance (``opts.classifier_scale``),
+            loaded by :func:`_load_guidance_classifier`, or None.
+
+    Returns:
+        ``denoise(x, t) -> x0_hat``.
+    """
+
     def model(x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         with precision.autocast(x.device):
             return denoiser(x, t, y)
@@ -117,7 +133,7 @@ def generate(
         gen = torch.Generator(device=device).manual_seed(seed_for(seed, b))
         noise = torch.randn((n, *spec_shape), generator=gen, device=device)
         y = None if labels is None else labels[start : start + n].to(device)
-        fn = _denoise_fn(denoiser, y, opts, conditional, precision, classifier)
+        fn = denoise_fn(denoiser, y, opts, conditional, precision, classifier)
         x = initial_sample(denoiser.schedule, ts, noise)
         result = info.fn(
             fn,

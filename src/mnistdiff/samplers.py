@@ -575,6 +575,8 @@ class SamplerOption:
         lo: smallest allowed value (inclusive).
         hi: largest allowed value (inclusive).
         help: one line for ``--help`` and the config docs.
+        adds_noise: a value above 0 makes the sampler draw noise (``eta``, ``s_churn``); 0 keeps
+            it deterministic, as inversion needs (:mod:`mnistdiff.edit`).
     """
 
     name: str
@@ -582,6 +584,7 @@ class SamplerOption:
     lo: float
     hi: float
     help: str
+    adds_noise: bool = False
 
 
 @dataclass(frozen=True)
@@ -635,9 +638,13 @@ def _heun_steps(nfe: int) -> int:
     return (nfe + 1) // 2
 
 
-ETA = SamplerOption("eta", 0.0, 0.0, 1.0, "DDIM stochasticity: 0 deterministic, 1 = DDPM")
+ETA = SamplerOption(
+    "eta", 0.0, 0.0, 1.0, "DDIM stochasticity: 0 deterministic, 1 = DDPM", adds_noise=True
+)
 CHURN = (
-    SamplerOption("s_churn", 0.0, 0.0, 1000.0, "Karras churn: noise added per step (0 = ODE)"),
+    SamplerOption(
+        "s_churn", 0.0, 0.0, 1000.0, "Karras churn: noise added per step (0 = ODE)", adds_noise=True
+    ),
     SamplerOption("s_tmin", 0.0, 0.0, 1e6, "churn only where sigma_tilde >= s_tmin"),
     SamplerOption("s_tmax", None, 0.0, 1e6, "churn only where sigma_tilde <= s_tmax; null: any"),
     SamplerOption("s_noise", 1.0, 0.0, 10.0, "scale of the churn noise"),

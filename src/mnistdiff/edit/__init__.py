@@ -2,7 +2,9 @@
 
 Every method takes a :class:`mnistdiff.sample.Pipeline` and uint8 images ``[N, 28, 28]``
 (:func:`load_inputs` reads PNGs, MNIST test digits and ``.npz`` files) and runs the registry's
-samplers from some ``(x, t)`` on the usual time grids (:mod:`mnistdiff.edit.core`).
+samplers from some ``(x, t)`` on the usual time grids (:mod:`mnistdiff.edit.core`). Their
+sampling options are ``sample``'s own (:class:`mnistdiff.SampleOptions`, resolved by
+:func:`sampling`), so every sampler option works in edits too.
 
 Example::
 
@@ -16,7 +18,7 @@ Example::
 """
 
 from .compose import Composition, compose, draw_operator, stroke_width
-from .core import EditResult, Sampling, psnr, sampling
+from .core import EditResult, psnr, sampling
 from .inpaint import inpaint, make_mask
 from .inputs import EditInputs, load_image, load_inputs
 from .interpolate import endpoint_sample, interpolate, slerp
@@ -29,7 +31,6 @@ __all__ = [
     "EditInputs",
     "EditResult",
     "Inversion",
-    "Sampling",
     "compose",
     "decode",
     "draw_operator",

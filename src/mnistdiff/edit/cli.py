@@ -73,19 +73,13 @@ def add_commands(sub) -> None:
 
 
 def _common(p: argparse.ArgumentParser, out: str) -> None:
+    """Model, outputs, and the sampling flags of ``mnistdiff sample`` (one generated set)."""
+    from ..cli import add_sampling_args
+
     p.add_argument("--checkpoint", required=True, help="checkpoint file, run dir or export dir")
     p.add_argument("--out", default=out, help="PNG path")
     p.add_argument("--save-npz", help="also write the result images and labels as .npz")
-    p.add_argument("--sampler", help="registry sampler (inversion: ddim | euler | heun)")
-    p.add_argument("--steps", type=int, help="steps of the full time grid")
-    p.add_argument("--nfe", type=int, help="pick the steps giving this many evaluations")
-    p.add_argument("--grid", help="time grid: uniform | logsnr | karras | trailing | ...")
-    p.add_argument("--guidance", type=float, help="CFG scale w (u + w(c-u)); 1 = conditional")
-    p.add_argument("--threshold", help="x0 refinement: none | clip | dynamic")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--device", help="auto | cpu | cuda[:N] | mps")
-    p.add_argument("--no-ema", action="store_true", help="use the raw (non-EMA) weights")
+    add_sampling_args(p)  # --sampler, --steps, --guidance, --eta, --s-churn, ..., --seed
 
 
 def _inputs(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -111,10 +105,10 @@ def _read_inputs(args):
 
 
 def _options(args) -> dict:
-    keys = ("sampler", "steps", "nfe", "grid", "guidance", "threshold")
-    if args.nfe is not None and args.steps is not None:
-        raise ValueError("give --steps or --nfe, not both")
-    return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    """The sampling options given on the command line (as for ``sample``)."""
+    from ..cli import sampling_overrides
+
+    return sampling_overrides(args)
 
 
 def _labels(text: str | None, inputs, n: int, flag: str = "--label"):
@@ -204,10 +198,10 @@ def cmd_invert(args) -> int:
     columns, results = [inputs.images], []
     for name, labels in runs:
         out = reconstruct(pipe, inputs.images, labels, progress=True, **_batch(args), **opts)
-        info = out.info
+        info, used = out.info, out.info["options"]
         print(
             f"{name}: mean PSNR {info['mean_psnr']:.2f} dB, NFE {info['nfe_invert']} invert + "
-            f"{info['nfe_decode']} decode ({info['sampler']}, {info['steps']} steps); "
+            f"{info['nfe_decode']} decode ({used['sampler']}, {used['steps']} steps); "
             f"per image: {', '.join(f'{v:.2f}' for v in info['psnr'])}"
         )
         columns.append(out.images)

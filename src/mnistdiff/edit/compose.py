@@ -109,8 +109,8 @@ def compose(
         strength: inversion depth for ``style`` (0, 1].
         gap: (min, max) pixels between neighbouring glyphs' ink.
         jitter: max vertical shift in pixels.
-        **options: sampling overrides (``sampler``, ``steps``/``nfe``, ``grid``, ``guidance``,
-            ``threshold``).
+        **options: sampling options (:func:`mnistdiff.edit.core.sampling`): ``sampler``,
+            ``steps``/``nfe``, ``grid``, ``guidance``, ``threshold``, the sampler's own, ...
 
     Returns:
         A :class:`Composition`.

@@ -5,21 +5,27 @@ Editing is sampling with a different start and a constraint (``docs/architecture
 method here runs the registry's samplers (:mod:`mnistdiff.samplers`) on a part of an ordinary
 time grid, never a copy of a sampler. A partial grid ``ts`` starts at ``t_start`` and continues
 with the points of the full grid below it, so ``strength * steps`` steps of the full grid run.
+
+Options are sampling's own :class:`~mnistdiff.config.SampleOptions` (:func:`sampling`): every
+option ``sample`` takes (guidance rescale and interval, each sampler's ``eta`` / churn, ...) acts
+in edits the same way, through the same denoise function (:func:`mnistdiff.sample.denoise_fn`)
+and ``SampleOptions.sampler_kwargs()``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from ..build import prepare_images
-from ..guidance import classifier_free, thresholded, unconditional
-from ..samplers import SampleResult, get_sampler
+from ..config import SampleOptions
+from ..samplers import SampleResult, get_sampler, steps_for_nfe
 from ..schedules import Schedule, time_grid
 from ..seeding import seed_for
 from ..transforms import crop_to, from_model_range, original_size
@@ -52,68 +58,87 @@ class EditResult:
     info: dict = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class Sampling:
-    """Resolved sampling settings of one edit (the config's ``sample`` section + overrides).
-
-    Attributes:
-        sampler: registry name.
-        steps: steps of the FULL grid; a partial start (strength < 1) runs the part below it.
-        grid: time-grid kind, or None for the sampler's own.
-        guidance: classifier-free scale ``w`` (1 = plain conditional).
-        eta: DDIM stochasticity.
-        threshold: x0_hat refinement (``none`` / ``clip`` / ``dynamic``).
-    """
-
-    sampler: str
-    steps: int
-    grid: str | None
-    guidance: float
-    eta: float
-    threshold: str
-
-    def grid_for(self, schedule: Schedule) -> Tensor:
-        """The full descending grid (float64, ends at 0)."""
-        return full_grid(schedule, self.sampler, self.steps, self.grid)
-
-
 def sampling(
     pipe: Pipeline,
+    base: SampleOptions | None = None,
     *,
-    sampler: str | None = None,
-    steps: int | None = None,
-    nfe: int | None = None,
-    grid: str | None = None,
-    guidance: float | None = None,
-    eta: float | None = None,
-    threshold: str | None = None,
+    deterministic: bool = False,
     ode: bool = False,
-) -> Sampling:
-    """Resolve sampling settings: explicit values win, else the checkpoint's config.
+    **overrides: Any,
+) -> SampleOptions:
+    """The :class:`~mnistdiff.config.SampleOptions` of one edit: overrides win, else ``base``.
+
+    The options are the ones ``sample`` takes (``sampler``, ``steps``, ``guidance``,
+    ``guidance_rescale``, ``guidance_interval``, ``grid``, ``threshold`` and the chosen sampler's
+    own, e.g. ``eta`` or ``s_churn``), resolved as :meth:`mnistdiff.sample.Pipeline.default_options`
+    resolves them; an option the chosen sampler does not take is an error.
 
     Args:
         pipe: a :class:`mnistdiff.sample.Pipeline`.
-        sampler, steps, grid, guidance, eta, threshold: overrides (None = the config's).
-        nfe: pick the steps giving this many network evaluations (instead of ``steps``).
-        ode: the edit runs the sampler backwards; the config's sampler is replaced by ``ddim``
-            when it cannot, and an explicit one that cannot is an error.
+        base: the options to start from (default: the checkpoint config's ``sample`` section).
+        deterministic: the edit needs the sampler to draw no noise (interpolation): a stochastic
+            sampler or an explicit noise option above 0 (``eta``, ``s_churn``) is an error,
+            and ones that come from ``base`` are set to 0.
+        ode: the edit runs the sampler backwards (inversion); implies ``deterministic``.
+            ``base``'s sampler is replaced by ``ddim`` when it cannot run backwards; an explicit
+            one that cannot is an error.
+        **overrides: option values (None = keep); ``nfe`` picks the steps giving that many
+            network evaluations.
+
+    Raises:
+        ValueError: (:class:`~mnistdiff.config.ConfigError` for option values) a bad or
+            inapplicable option, steps and nfe together, noise where the edit cannot take it,
+            or a noisy classifier (classifier guidance is not wired into edits yet).
     """
-    cfg = pipe.cfg.sample
-    if sampler is None:
-        sampler = cfg.sampler if (not ode or cfg.sampler in ODE_SAMPLERS) else "ddim"
+    section = pipe.cfg.sample if base is None else base
+    chosen = {k: v for k, v in overrides.items() if v is not None}
+    if ode and "sampler" not in chosen and section.sampler not in ODE_SAMPLERS:
+        chosen["sampler"] = "ddim"
+    sampler = chosen.get("sampler", section.sampler)
     if ode:
         check_ode_sampler(sampler)
-    info = get_sampler(sampler)
-    if nfe is not None and steps is not None:
-        raise ValueError("give steps or nfe, not both")
+    nfe = chosen.pop("nfe", None)
     if nfe is not None:
-        steps = info.steps_for_nfe(_positive_int("nfe", nfe))
-    steps = _positive_int("steps", cfg.steps if steps is None else steps)
-    guidance = cfg.guidance if guidance is None else float(guidance)
-    if not math.isfinite(guidance):
-        raise ValueError(f"guidance must be finite, got {guidance!r}")
-    eta = 0.0 if ode else (cfg.eta if eta is None else float(eta))
-    return Sampling(sampler, steps, grid or cfg.grid, guidance, eta, threshold or cfg.threshold)
+        if "steps" in chosen:
+            raise ValueError("give steps or nfe, not both")
+        chosen["steps"] = steps_for_nfe(sampler, nfe)
+    opts = SampleOptions.from_config(section, **chosen)
+    if opts.classifier is not None:
+        raise ValueError(
+            f"classifier={opts.classifier!r}: classifier guidance is not available in edits yet "
+            "(`mnistdiff sample --classifier` has it); use classifier-free guidance (guidance)"
+        )
+    return _without_noise(opts, chosen) if (deterministic or ode) else opts
+
+
+def noise_options(opts: SampleOptions) -> dict[str, float]:
+    """The chosen sampler's options that make it draw noise with their current values."""
+    declared = get_sampler(opts.sampler).options
+    values = {o.name: getattr(opts, o.name) for o in declared if o.adds_noise}
+    return {k: v for k, v in values.items() if v is not None and v > 0}
+
+
+def _without_noise(opts: SampleOptions, given: dict[str, Any]) -> SampleOptions:
+    """``opts`` with the noise options not in ``given`` set to 0; given ones are an error."""
+    if get_sampler(opts.sampler).stochastic:
+        raise ValueError(
+            f"this edit needs a deterministic sampler; {opts.sampler!r} draws noise at every "
+            f"step (deterministic: {', '.join(ODE_SAMPLERS)}, dpmpp_2m, ...)"
+        )
+    noisy = noise_options(opts)
+    asked = {k: v for k, v in noisy.items() if k in given}
+    if asked:
+        name, value = next(iter(asked.items()))
+        raise ValueError(
+            f"this edit runs the sampler as a deterministic ODE (inversion, interpolation), "
+            f"but {name}={value} makes {opts.sampler} draw noise; use {name}=0"
+        )
+    return dataclasses.replace(opts, **dict.fromkeys(noisy, 0.0)) if noisy else opts
+
+
+def grid_for(opts: SampleOptions, schedule: Schedule) -> Tensor:
+    """The full descending grid of ``opts`` (float64, ends at 0)."""
+    return full_grid(schedule, opts.sampler, opts.steps, opts.grid)
 
 
 def _positive_int(name: str, value) -> int:
@@ -174,29 +199,18 @@ def check_labels(
     return labels
 
 
-def denoise_fn(
-    pipe: Pipeline, labels: Tensor | None, opts: Sampling, model: Callable | None = None
-) -> Denoise:
-    """The pipeline's denoise function with classifier-free guidance and thresholding.
+def denoise_fn(pipe: Pipeline, labels: Tensor | None, opts: SampleOptions) -> Denoise:
+    """The pipeline's denoise function as sampling builds it (:func:`mnistdiff.sample.denoise_fn`).
 
     Args:
         pipe: a :class:`mnistdiff.sample.Pipeline`.
         labels: int64 ``[B]`` or None (null label).
-        opts: sampling settings (guidance scale ``w`` in ``u + w (c - u)``, threshold).
-        model: ``model(x, t, y) -> x0_hat`` to use instead of the pipeline's denoiser.
+        opts: guidance (``u + w (c - u)``, rescale, interval) and threshold apply.
     """
-    denoiser = pipe.denoiser
+    from ..sample import denoise_fn as sampling_denoise_fn
 
-    def plain(x: Tensor, t: Tensor, y: Tensor) -> Tensor:
-        with pipe.precision.autocast(x.device):
-            return denoiser(x, t, y)
-
-    model = model or plain
-    if labels is None or not pipe.conditional:
-        fn = unconditional(model, denoiser.null_label)
-    else:
-        fn = classifier_free(model, labels.to(pipe.device), opts.guidance, denoiser.null_label)
-    return thresholded(fn, opts.threshold)
+    y = None if labels is None else labels.to(pipe.device)
+    return sampling_denoise_fn(pipe.denoiser, y, opts, pipe.conditional, pipe.precision)
 
 
 def full_grid(schedule: Schedule, sampler: str, steps: int, grid: str | None = None) -> Tensor:
@@ -259,11 +273,6 @@ def randn(pipe: Pipeline, n: int, gen: torch.Generator) -> Tensor:
     return torch.randn((n, *pipe.denoiser.image_shape), generator=gen, device=pipe.device)
 
 
-def sampler_options(sampler: str, eta: float) -> dict:
-    """Keyword options the sampler takes (only DDIM has ``eta``)."""
-    return {"eta": eta} if sampler == "ddim" else {}
-
-
 def run_sampler(
     sampler: str,
     denoise: Denoise,
@@ -272,11 +281,14 @@ def run_sampler(
     ts: Tensor,
     *,
     gen: torch.Generator | None = None,
-    eta: float = 0.0,
+    sampler_kwargs: Mapping[str, float] | None = None,
 ) -> SampleResult:
-    """Run registry sampler ``sampler`` from ``x`` at ``ts[0]`` along ``ts`` (no copy of it)."""
+    """Run registry sampler ``sampler`` from ``x`` at ``ts[0]`` along ``ts`` (no copy of it).
+
+    ``sampler_kwargs`` are its own options (``SampleOptions.sampler_kwargs()``).
+    """
     info = get_sampler(sampler)
-    return info.fn(denoise, x, schedule, ts, generator=gen, **sampler_options(sampler, eta))
+    return info.fn(denoise, x, schedule, ts, generator=gen, **(sampler_kwargs or {}))
 
 
 def run_steps(
@@ -289,7 +301,7 @@ def run_steps(
     hook: StepHook | None = None,
     resample: int = 1,
     gen: torch.Generator | None = None,
-    eta: float = 0.0,
+    sampler_kwargs: Mapping[str, float] | None = None,
     progress: bool = False,
     desc: str = "editing",
 ) -> SampleResult:
@@ -301,8 +313,10 @@ def run_steps(
     ``q(x_(ts[i]) | x_(ts[i + 1]))`` in between (RePaint, Lugmayr et al. 2022, Alg. 1).
 
     For the one-step samplers (ddpm, ddim, euler, heun), ``hook = None`` and ``R = 1`` give
-    exactly one run over the whole grid; a multistep sampler restarts its history at every
-    interval (first order), since the hook changes the state between steps.
+    exactly one run over the whole grid, sampler options included (Karras churn is set per
+    grid, ``gamma = s_churn / N``, so each interval gets ``s_churn / N``); a multistep sampler
+    restarts its history at every interval (first order), since the hook changes the state
+    between steps.
 
     Returns:
         The final state and the NFE per image.
@@ -310,6 +324,7 @@ def run_steps(
     from tqdm import tqdm
 
     _positive_int("resample", resample)
+    kwargs = _per_interval(dict(sampler_kwargs or {}), len(ts) - 1)
     nfe = 0
     for i in tqdm(range(len(ts) - 1), desc=desc, disable=not progress, leave=False):
         t_now, t_next = float(ts[i]), float(ts[i + 1])
@@ -317,11 +332,20 @@ def run_steps(
             if u > 0:  # jump back up to t_now and redo the step
                 noise = torch.randn(x.shape, generator=gen, dtype=x.dtype, device=x.device)
                 x = renoise(schedule, x, t_next, t_now, noise)
-            out = run_sampler(sampler, denoise, x, schedule, ts[i : i + 2], gen=gen, eta=eta)
+            out = run_sampler(
+                sampler, denoise, x, schedule, ts[i : i + 2], gen=gen, sampler_kwargs=kwargs
+            )
             x, nfe = out.x, nfe + out.nfe
             if hook is not None:
                 x = hook(i, x, t_next)
     return SampleResult(x, nfe)
+
+
+def _per_interval(kwargs: dict[str, float], steps: int) -> dict[str, float]:
+    """Options for one interval of a ``steps``-step grid (churn is given for the whole grid)."""
+    if "s_churn" in kwargs:
+        kwargs["s_churn"] = kwargs["s_churn"] / steps
+    return kwargs
 
 
 def check_ode_sampler(sampler: str) -> None:
@@ -346,14 +370,15 @@ def sample_from(
     x: Tensor,
     ts: Tensor,
     labels: Tensor | None,
-    opts: Sampling,
+    opts: SampleOptions,
     *,
     gen: torch.Generator | None = None,
-    model: Callable | None = None,
 ) -> SampleResult:
-    """Start the configured sampler at ``(x, ts[0])`` and run it along ``ts``."""
-    fn = denoise_fn(pipe, labels, opts, model)
-    return run_sampler(opts.sampler, fn, x, pipe.denoiser.schedule, ts, gen=gen, eta=opts.eta)
+    """Start the configured sampler (with its options) at ``(x, ts[0])`` and run it along ``ts``."""
+    fn = denoise_fn(pipe, labels, opts)
+    schedule = pipe.denoiser.schedule
+    kwargs = opts.sampler_kwargs()
+    return run_sampler(opts.sampler, fn, x, schedule, ts, gen=gen, sampler_kwargs=kwargs)
 
 
 def batches(n: int, batch_size: int | None, pipe) -> list[slice]:

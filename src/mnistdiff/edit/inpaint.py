@@ -36,6 +36,7 @@ from .core import (
     batches,
     check_labels,
     denoise_fn,
+    grid_for,
     label_or_none,
     noise_to,
     rows,
@@ -159,12 +160,13 @@ def inpaint(
         seed: batch ``b`` draws its noise from a generator seeded by ``(seed, b)``.
         batch_size: images per batch.
         progress: progress bar over the steps.
-        **options: sampling overrides (``sampler``, ``steps``/``nfe``, ``grid``, ``guidance``,
-            ``eta``, ``threshold``).
+        **options: sampling options (:func:`mnistdiff.edit.core.sampling`): ``sampler``,
+            ``steps``/``nfe``, ``grid``, ``guidance``, ``threshold``, the sampler's own
+            (``eta``, ``s_churn``, ...).
 
     Returns:
         :class:`EditResult`; pixels outside the mask equal the input exactly
-        (``info``: method, resample, mask).
+        (``info``: method, resample, masked fraction, ``options`` = ``SampleOptions.record()``).
     """
     resample = 1 if _check_method(method) == "replace" else resample
     opts = sampling(pipe, **options)
@@ -173,7 +175,7 @@ def inpaint(
     masks = _masks(mask, len(x0))
     labels = check_labels(pipe, labels, len(x0))
     schedule = pipe.denoiser.schedule
-    ts = opts.grid_for(schedule)
+    ts = grid_for(opts, schedule)
     outs, nfe = [], 0
     for b, sl in enumerate(tqdm(batches(len(x0), batch_size, pipe), disable=not progress)):
         gen = torch.Generator(device=pipe.device).manual_seed(seed_for(seed, b))
@@ -191,13 +193,18 @@ def inpaint(
         fn = denoise_fn(pipe, rows(labels, sl), opts)
         out = run_steps(
             opts.sampler, fn, x, schedule, ts, hook=keep_known, resample=resample, gen=gen,
-            eta=opts.eta, progress=progress, desc="inpainting",
+            sampler_kwargs=opts.sampler_kwargs(), progress=progress, desc="inpainting",
         )  # fmt: skip
         outs.append(out.x)
         nfe = out.nfe
     generated = to_uint8(pipe, torch.cat(outs))
     result = torch.where(masks, generated, images.cpu())  # known pixels bit for bit
-    info = {"method": method, "resample": resample, "masked_fraction": float(masks.float().mean())}
+    info = {
+        "method": method,
+        "resample": resample,
+        "masked_fraction": float(masks.float().mean()),
+        "options": opts.record(),
+    }
     return EditResult(result, label_or_none(labels, len(x0)), nfe, info)
 
 

@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from ..samplers import get_sampler, initial_sample
+from ..config import SampleOptions
+from ..samplers import initial_sample
 from .core import (
     EditResult,
     check_labels,
@@ -129,12 +130,14 @@ def interpolate(
             their labels when given).
         labels: ``(y0, y1)`` or one label for both (conditional models); different labels
             interpolate the class embedding.
-        **options: sampling overrides (a deterministic sampler; ``steps``/``nfe``, ``grid``,
-            ``guidance``, ``threshold``).
+        **options: sampling options (:func:`mnistdiff.edit.core.sampling` with
+            ``deterministic=True``, ``ode=True`` for images): ``sampler``, ``steps``/``nfe``,
+            ``grid``, ``guidance``, ``threshold``, ...; ``eta`` / ``s_churn`` above 0 are errors.
 
     Returns:
         :class:`EditResult` with ``num`` frames; ``labels`` is the nearer endpoint's label per
-        frame (-1 for unconditional); ``info["weights"]`` the interpolation weights.
+        frame (-1 for unconditional); ``info["weights"]`` the interpolation weights,
+        ``info["options"]`` the ``SampleOptions.record()``.
     """
     weights = _weights(num)
     y0, y1 = _pair(labels, "labels")
@@ -158,11 +161,11 @@ def interpolate(
         with ctx:
             out = sample_from(pipe, x, ts, start.to(pipe.device), opts)
         frame_labels = torch.where(w < 0.5, pair[0], pair[1])
-    info = {"weights": weights, "sampler": opts.sampler}
+    info = {"weights": weights, "options": opts.record()}
     return EditResult(to_uint8(pipe, out.x), frame_labels.long(), out.nfe, info)
 
 
-def _endpoints(pipe: Pipeline, seeds, images, pair, options) -> tuple[Tensor, object]:
+def _endpoints(pipe: Pipeline, seeds, images, pair, options) -> tuple[Tensor, SampleOptions]:
     """Start latents ``[2, C, S, S]`` and the sampling settings."""
     if (seeds is None) == (images is None):
         raise ValueError("give exactly one of seeds=(a, b) or images=[2, 28, 28]")
@@ -172,9 +175,7 @@ def _endpoints(pipe: Pipeline, seeds, images, pair, options) -> tuple[Tensor, ob
         inv = invert(pipe, images, pair, **options)
         return inv.latents, inv.sampling
     s0, s1 = _pair(seeds, "seeds")
-    opts = sampling(pipe, eta=0.0, **options)
-    if get_sampler(opts.sampler).stochastic:
-        raise ValueError(f"interpolation needs a deterministic sampler, got {opts.sampler!r}")
+    opts = sampling(pipe, deterministic=True, **options)
     ts = generation_grid(pipe, opts)
     noise = torch.cat([randn(pipe, 1, generator(pipe, int(s))) for s in (s0, s1)])
     return initial_sample(pipe.denoiser.schedule, ts, noise), opts
@@ -182,7 +183,7 @@ def _endpoints(pipe: Pipeline, seeds, images, pair, options) -> tuple[Tensor, ob
 
 def endpoint_sample(pipe: Pipeline, seed: int, label: int | None = None, **options) -> Tensor:
     """The uint8 image ``[1, 28, 28]`` that seed ``seed`` gives alone (an interpolation end)."""
-    opts = sampling(pipe, eta=0.0, **options)
+    opts = sampling(pipe, deterministic=True, **options)
     ts = generation_grid(pipe, opts)
     x = initial_sample(pipe.denoiser.schedule, ts, randn(pipe, 1, generator(pipe, seed)))
     y = None if label is None else check_labels(pipe, [label], 1).to(pipe.device)

@@ -20,11 +20,15 @@ Decoding the latents with the same grid reconstructs the image up to the solvers
 (first order for DDIM/Euler, second for Heun): on Gaussian data with the exact denoiser the
 reconstruction error shrinks with the step count at that order (``tests/test_edit.py``).
 NFE each way: DDIM N, Heun 2N - 1 (with ``refine = 1``).
+
+Only a deterministic sampler can be run backwards: the options come from
+:func:`mnistdiff.edit.core.sampling` with ``ode=True``, which refuses ``eta > 0`` (DDIM) and
+``s_churn > 0`` (Euler/Heun) when asked for and sets the config's own values of them to 0.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -32,14 +36,15 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from ..config import SampleOptions
 from .core import (
     Denoise,
     EditResult,
-    Sampling,
     alpha_sigma,
     batches,
     check_labels,
     denoise_fn,
+    grid_for,
     label_or_none,
     psnr,
     rows,
@@ -64,24 +69,30 @@ class Inversion:
         t: the time the latents sit at (1 = full inversion).
         labels: int64 ``[N]`` labels used while inverting (-1 = none).
         nfe: network evaluations per image.
-        sampling: the settings used (decode with the same ones to reconstruct).
+        sampling: the options used (deterministic; decode with the same ones to reconstruct).
     """
 
     latents: Tensor
     t: float
     labels: Tensor
     nfe: int
-    sampling: Sampling
+    sampling: SampleOptions
 
 
-def generation_grid(pipe: Pipeline, opts: Sampling, t_end: float = 1.0) -> Tensor:
+def generation_grid(pipe: Pipeline, opts: SampleOptions, t_end: float = 1.0) -> Tensor:
     """The descending grid from ``t_end`` to 0 that decoding uses (and inversion reverses)."""
-    ts = opts.grid_for(pipe.denoiser.schedule)
+    ts = grid_for(opts, pipe.denoiser.schedule)
     return ts if t_end >= float(ts[0]) else truncate_grid(ts, t_end)
 
 
 def invert_x(
-    denoise: Denoise, x0: Tensor, schedule, ts_desc: Tensor, sampler: str, refine: int = 1
+    denoise: Denoise,
+    x0: Tensor,
+    schedule,
+    ts_desc: Tensor,
+    sampler: str,
+    refine: int = 1,
+    sampler_kwargs: Mapping[str, float] | None = None,
 ) -> tuple[Tensor, int]:
     """Model-range images -> latents at ``ts_desc[0]`` (the pure-tensor core of :func:`invert`).
 
@@ -92,6 +103,8 @@ def invert_x(
         ts_desc: the descending generation grid (ends at 0) to reverse.
         sampler: ``ddim``, ``euler`` or ``heun``.
         refine: fixed-point iterations of the first interval (>= 1).
+        sampler_kwargs: the sampler's own options; they must not add noise (``eta`` and
+            ``s_churn`` 0, as :func:`mnistdiff.edit.core.sampling` with ``ode=True`` ensures).
 
     Returns:
         ``(latents, nfe)``.
@@ -107,7 +120,7 @@ def invert_x(
         x = a * x0 + (x - a * denoise(x, t_batch))
     nfe = refine
     if len(ts) > 2:
-        out = run_sampler(sampler, denoise, x, schedule, ts[1:])
+        out = run_sampler(sampler, denoise, x, schedule, ts[1:], sampler_kwargs=sampler_kwargs)
         x, nfe = out.x, nfe + out.nfe
     return x, nfe
 
@@ -134,13 +147,19 @@ def invert(
         refine: fixed-point iterations of the first interval.
         batch_size: images per forward pass (default: the config's sample batch size).
         progress: show a progress bar over batches.
-        **options: sampling overrides (``sampler`` in ddim/euler/heun, ``steps``/``nfe``,
-            ``grid``, ``guidance`` (default 1: plain conditional), ``threshold``).
+        **options: sampling options as :func:`mnistdiff.edit.core.sampling` takes them, with
+            ``ode=True``: ``sampler`` in ddim/euler/heun, ``steps``/``nfe``, ``grid``,
+            ``guidance`` (default 1: plain conditional), ``threshold``, ... ; the sampler must
+            stay deterministic (``eta`` / ``s_churn`` above 0 are errors).
 
     Returns:
         An :class:`Inversion`.
+
+    Raises:
+        ValueError: a sampler that cannot run backwards, an option that adds noise, bad input.
     """
-    options.setdefault("guidance", 1.0)
+    if options.get("guidance") is None:
+        options["guidance"] = 1.0
     opts = sampling(pipe, ode=True, **options)
     x0 = to_model(pipe, images)
     labels = check_labels(pipe, labels, len(x0))
@@ -148,7 +167,9 @@ def invert(
     outs, nfe = [], 0
     for sl in tqdm(batches(len(x0), batch_size, pipe), desc="inverting", disable=not progress):
         fn = denoise_fn(pipe, rows(labels, sl), opts)
-        z, nfe = invert_x(fn, x0[sl], pipe.denoiser.schedule, ts, opts.sampler, refine)
+        z, nfe = invert_x(
+            fn, x0[sl], pipe.denoiser.schedule, ts, opts.sampler, refine, opts.sampler_kwargs()
+        )
         outs.append(z)
     return Inversion(torch.cat(outs), float(ts[0]), label_or_none(labels, len(x0)), nfe, opts)
 
@@ -169,23 +190,12 @@ def decode(
         inversion: from :func:`invert`.
         labels: labels to decode with; default the inversion's (None if it had none).
         batch_size: images per forward pass.
-        **options: sampling overrides (default: the inversion's settings).
+        **options: sampling options overriding the inversion's (``inversion.sampling``).
 
     Returns:
         ``(model-range images [N, C, S, S], nfe)``.
     """
-    base = inversion.sampling
-    merged = {
-        "sampler": base.sampler,
-        "steps": base.steps,
-        "grid": base.grid,
-        "guidance": base.guidance,
-        "threshold": base.threshold,
-        **options,
-    }
-    if options.get("nfe") is not None:
-        merged.pop("steps")
-    opts = sampling(pipe, **merged)
+    opts = sampling(pipe, inversion.sampling, **options)
     n = len(inversion.latents)
     if labels is None and bool((inversion.labels >= 0).all()):
         labels = inversion.labels
@@ -215,7 +225,8 @@ def reconstruct(
 
     Returns:
         :class:`EditResult` with ``info = {"psnr": [...], "mean_psnr", "nfe_invert",
-        "nfe_decode", "sampler", "steps", "labels"}`` (PSNR in dB, capped at 100).
+        "nfe_decode", "options", "labels"}`` (PSNR in dB, capped at 100; ``options`` is
+        ``SampleOptions.record()`` of the inversion, which decoding shares).
     """
     keys = ("t_end", "refine", "batch_size", "progress")
     inv = invert(pipe, images, labels, **options)
@@ -232,8 +243,7 @@ def reconstruct(
             "mean_psnr": round(float(scores.mean()), 3),
             "nfe_invert": inv.nfe,
             "nfe_decode": nfe,
-            "sampler": inv.sampling.sampler,
-            "steps": inv.sampling.steps,
+            "options": inv.sampling.record(),
             "labels": labels is not None,
         },
     )

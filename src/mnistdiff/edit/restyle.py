@@ -54,8 +54,9 @@ def restyle(
         guidance: CFG scale of the regeneration (default: the config's).
         batch_size: images per batch.
         progress: progress bar.
-        **options: sampling overrides for both directions (``sampler`` in ddim/euler/heun,
-            ``steps``/``nfe``, ``grid``, ``threshold``).
+        **options: sampling options for both directions (:func:`mnistdiff.edit.core.sampling`
+            with ``ode=True``): ``sampler`` in ddim/euler/heun, ``steps``/``nfe``, ``grid``,
+            ``threshold``, ...; ``eta`` / ``s_churn`` above 0 are errors (inversion).
 
     Returns:
         :class:`EditResult` with the target labels (``info``: strength, NFE each way).

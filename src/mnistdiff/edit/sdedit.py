@@ -26,6 +26,7 @@ from .core import (
     batches,
     check_labels,
     check_strength,
+    grid_for,
     label_or_none,
     noise_to,
     randn,
@@ -63,18 +64,20 @@ def sdedit(
         seed: batch ``b`` draws its noise from a generator seeded by ``(seed, b)``.
         batch_size: images per batch (default: the config's).
         progress: show a progress bar over batches.
-        **options: sampling overrides (``sampler``, ``steps``/``nfe`` of the full grid,
-            ``grid``, ``guidance``, ``eta``, ``threshold``).
+        **options: sampling options (:func:`mnistdiff.edit.core.sampling`): ``sampler``,
+            ``steps``/``nfe`` of the full grid, ``grid``, ``guidance``, ``threshold``, the
+            sampler's own (``eta``, ``s_churn``, ...); its noise comes from the batch's generator.
 
     Returns:
-        :class:`EditResult` (``info``: strength, steps run, sampler).
+        :class:`EditResult` (``info``: strength, steps run, ``options`` =
+        ``SampleOptions.record()``).
     """
     t0 = check_strength(strength)
     opts = sampling(pipe, **options)
     x_g = to_model(pipe, images)
     labels = check_labels(pipe, labels, len(x_g))
     schedule = pipe.denoiser.schedule
-    ts = truncate_grid(opts.grid_for(schedule), t0)
+    ts = truncate_grid(grid_for(opts, schedule), t0)
     outs, nfe = [], 0
     parts = batches(len(x_g), batch_size, pipe)
     for b, sl in enumerate(tqdm(parts, desc="sdedit", disable=not progress)):
@@ -83,5 +86,5 @@ def sdedit(
         out = sample_from(pipe, x, ts, rows(labels, sl), opts, gen=gen)
         outs.append(out.x)
         nfe = out.nfe
-    info = {"strength": t0, "steps_run": len(ts) - 1, "sampler": opts.sampler}
+    info = {"strength": t0, "steps_run": len(ts) - 1, "options": opts.record()}
     return EditResult(to_uint8(pipe, torch.cat(outs)), label_or_none(labels, len(x_g)), nfe, info)
