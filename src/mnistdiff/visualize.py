@@ -240,7 +240,7 @@ class Trajectory:
         t_to: time each step ends at (``[steps]``; the last is 0).
         label: the class sampled (None: unconditional).
         nfe: denoise calls made.
-        options: the sampling options used (sampler, steps, guidance, ...).
+        options: the sampling options used (``SampleOptions.record()``).
     """
 
     x_t: Tensor
@@ -276,7 +276,7 @@ def trajectory(
         xs.append(pipe.to_uint8(x[:1].float().cpu()))
         x0s.append(pipe.to_uint8(x0[:1].float().cpu()))
 
-    out = pipe.generate(labels, num=1, seed=seed, callback=record, **opts.__dict__)
+    out = pipe.generate(labels, num=1, seed=seed, callback=record, **opts.record())
     grid = opts.grid or get_sampler(opts.sampler).default_grid
     ts = time_grid(pipe.denoiser.schedule, grid, opts.steps).tolist()
     return Trajectory(
@@ -286,7 +286,7 @@ def trajectory(
         t_to=ts[1 : len(xs) + 1],
         label=label,
         nfe=out.nfe,
-        options=dict(opts.__dict__),
+        options=opts.record(),
     )
 
 
@@ -458,7 +458,7 @@ def nfe_samples(
     records = []
     for k in nfes:
         opts = pipe.default_options(nfe=int(k), **options)
-        out = pipe.generate(labels, num, seed=seed, **opts.__dict__)
+        out = pipe.generate(labels, num, seed=seed, **opts.record())
         acc = None
         if evaluator is not None:
             acc = _class_accuracy(pipe, evaluator, accuracy_per_class, seed, opts)
@@ -473,7 +473,7 @@ def _class_accuracy(pipe: Pipeline, evaluator, per_class: int, seed: int, opts) 
     from .sample import label_tensor
 
     labels = label_tensor(per_class=per_class, num_classes=pipe.spec.num_classes)
-    images = pipe.sample(labels, seed=seed + 1, **opts.__dict__)
+    images = pipe.sample(labels, seed=seed + 1, **opts.record())
     _, logits = evaluator.embed(images)
     return float(classification_metrics(logits, labels)["class_accuracy"])
 
