@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import sys
 import tempfile
@@ -149,6 +150,169 @@ def _explain_tab(pipe, d: handlers.Defaults, data_dir: str | None) -> None:
     )
 
 
+def _digit_choices(d: handlers.Defaults, none: bool) -> list[str]:
+    return ([validate.NO_LABEL] if none else []) + [str(i) for i in range(d.num_classes)]
+
+
+def _draw_tab(pipe, d: handlers.Defaults, work_dir: Path) -> None:
+    gr.Markdown(
+        "Draw a digit (or upload a picture of one), then let the model clean it up (SDEdit), "
+        "complete a region (RePaint), restyle it into another digit, or invert it to noise and "
+        "back. The model sees 28x28 pixels, light on dark."
+    )
+    with gr.Row():
+        with gr.Column(scale=1, min_width=300):
+            pad = gr.Sketchpad(
+                label="your digit",
+                type="numpy",
+                image_mode="RGBA",
+                sources=("upload",),
+                canvas_size=(280, 280),
+                brush=gr.Brush(default_size=18, colors=["#000000"], color_mode="fixed"),
+                format="png",
+                elem_id="draw-pad",
+            )
+            label = gr.Dropdown(
+                _digit_choices(d, True), value=validate.NO_LABEL, label="it should be (digit)"
+            )
+            strength = gr.Slider(0.05, 1.0, value=0.6, step=0.05, label="strength (t0)")
+            seed = gr.Number(0, precision=0, label="seed")
+        with gr.Column(scale=1, min_width=300):
+            with gr.Row():
+                clean = gr.Button("Clean up (SDEdit)", variant="primary", elem_id="draw-clean")
+                fill = gr.Button("Complete region", elem_id="draw-complete")
+            with gr.Row():
+                region = gr.Dropdown(list(validate.REGIONS), value="bottom", label="region")
+                box = gr.Textbox(label="box x0,y0,x1,y1 (28x28 pixels)", placeholder="8,14,20,28")
+            with gr.Row():
+                restyle = gr.Button("Restyle into", elem_id="draw-restyle")
+                target = gr.Dropdown(_digit_choices(d, False), value="8", label="target digit")
+            invert = gr.Button("Invert + reconstruct", elem_id="draw-invert")
+            status = gr.Textbox(label="what was done", interactive=False, elem_id="draw-status")
+            with gr.Row():
+                view = gr.Image(
+                    label="the model's view", format="png", interactive=False, elem_id="draw-view"
+                )
+                result = gr.Image(
+                    label="result", format="png", interactive=False, elem_id="draw-result"
+                )
+                latent = gr.Image(label="inverted noise", format="png", interactive=False)
+
+    def answer(out: handlers.Edited):
+        return out.view, out.result, out.extra, out.message
+
+    @ui_errors
+    def run_clean(pad, label, strength, seed, progress=gr.Progress(track_tqdm=True)):  # noqa: B008
+        return answer(
+            handlers.cleanup(
+                pipe, pad, label, strength, seed, work_dir=work_dir,
+                progress=_progress_fn(progress),
+            )
+        )  # fmt: skip
+
+    @ui_errors
+    def run_fill(pad, region, box, label, seed, progress=gr.Progress(track_tqdm=True)):  # noqa: B008
+        return answer(
+            handlers.complete(
+                pipe, pad, region, box, label, seed, work_dir=work_dir,
+                progress=_progress_fn(progress),
+            )
+        )  # fmt: skip
+
+    @ui_errors
+    def run_restyle(pad, target, label, strength, progress=gr.Progress(track_tqdm=True)):  # noqa: B008
+        return answer(
+            handlers.restyle(
+                pipe, pad, target, label, strength, work_dir=work_dir,
+                progress=_progress_fn(progress),
+            )
+        )  # fmt: skip
+
+    @ui_errors
+    def run_invert(pad, label, progress=gr.Progress(track_tqdm=True)):  # noqa: B008
+        return answer(
+            handlers.invert(pipe, pad, label, work_dir=work_dir, progress=_progress_fn(progress))
+        )
+
+    outputs = [view, result, latent, status]
+    clean.click(run_clean, [pad, label, strength, seed], outputs, api_name="cleanup")
+    fill.click(run_fill, [pad, region, box, label, seed], outputs, api_name="complete")
+    restyle.click(run_restyle, [pad, target, label, strength], outputs, api_name="restyle")
+    invert.click(run_invert, [pad, label], outputs, api_name="invert")
+
+
+def _number_tab(pipe, d: handlers.Defaults, work_dir: Path) -> None:
+    gr.Markdown(
+        "Type a number (digits, and + - = for a simple equation): every digit is written by "
+        "the same hand, set by the style seed or by a reference digit you upload."
+    )
+    with gr.Row():
+        with gr.Column(scale=1, min_width=260):
+            text = gr.Textbox("2026", label="number", max_lines=1, elem_id="num-text")
+            seed = gr.Number(0, precision=0, label="style seed", elem_id="num-seed")
+            style = gr.Image(
+                label="style digit (optional)", type="numpy", image_mode="RGBA", format="png"
+            )
+            style_label = gr.Dropdown(
+                _digit_choices(d, True), value=validate.NO_LABEL, label="the style digit is a"
+            )
+            button = gr.Button("Write it", variant="primary", elem_id="num-button")
+        with gr.Column(scale=2):
+            picture = gr.Image(
+                label="the number", format="png", interactive=False, elem_id="num-image"
+            )
+            status = gr.Textbox(label="what was done", interactive=False, elem_id="num-status")
+            layout = gr.Textbox(
+                label="where each character sits (canvas pixels, before the 4x zoom)",
+                interactive=False,
+                elem_id="num-layout",
+            )
+
+    @ui_errors
+    def run(text, seed, style, style_label, progress=gr.Progress(track_tqdm=True)):  # noqa: B008
+        out = handlers.number(
+            pipe, text, seed, style, style_label, work_dir=work_dir,
+            progress=_progress_fn(progress),
+        )  # fmt: skip
+        return out.picture, out.message, json.dumps(out.layout)
+
+    button.click(
+        run, [text, seed, style, style_label], [picture, status, layout], api_name="number"
+    )
+
+
+def _interpolate_tab(pipe, d: handlers.Defaults, work_dir: Path) -> None:
+    gr.Markdown(
+        "Walk between two samples: the starting noise of seed A turns into seed B's "
+        "(spherical interpolation) while the class embedding moves from digit A to digit B."
+    )
+    with gr.Row():
+        seed_a = gr.Number(0, precision=0, label="seed A")
+        seed_b = gr.Number(1, precision=0, label="seed B")
+        digit_a = gr.Dropdown(_digit_choices(d, False), value="1", label="digit A")
+        digit_b = gr.Dropdown(_digit_choices(d, False), value="7", label="digit B")
+        frames = gr.Slider(2, validate.MAX_FRAMES, value=8, step=1, label="frames")
+        button = gr.Button("Interpolate", variant="primary", elem_id="interp-button")
+    status = gr.Textbox(label="what was done", interactive=False, elem_id="interp-status")
+    strip = gr.Image(label="frames", format="png", interactive=False, elem_id="interp-strip")
+    gif = gr.Image(label="animated", type="filepath", interactive=False)
+
+    @ui_errors
+    def run(seed_a, seed_b, digit_a, digit_b, frames, progress=gr.Progress(track_tqdm=True)):  # noqa: B008
+        out = handlers.interpolate(
+            pipe, seed_a, seed_b, digit_a, digit_b, frames, work_dir=work_dir,
+            progress=_progress_fn(progress),
+        )  # fmt: skip
+        return out.result, str(out.extra), out.message
+
+    button.click(
+        run,
+        [seed_a, seed_b, digit_a, digit_b, frames],
+        [strip, gif, status],
+        api_name="interpolate",
+    )
+
+
 # --------------------------------------------------------------------------- app
 
 
@@ -164,6 +328,12 @@ def build_app(pipe, *, work_dir: str | Path, data_dir: str | None = None) -> gr.
         with gr.Tabs():
             with gr.Tab("Generate", id="generate"):
                 _generate_tab(pipe, d, work_dir)
+            with gr.Tab("Draw", id="draw"):
+                _draw_tab(pipe, d, work_dir)
+            with gr.Tab("Number", id="number"):
+                _number_tab(pipe, d, work_dir)
+            with gr.Tab("Interpolate", id="interpolate"):
+                _interpolate_tab(pipe, d, work_dir)
             with gr.Tab("Explain", id="explain"):
                 _explain_tab(pipe, d, data_dir)
     return app

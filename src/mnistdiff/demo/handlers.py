@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
 Progress = Callable[[float, str], Any]
 SOURCES = ("model", "test")  # Explain: a digit drawn by the model, or an MNIST test digit
+EMPTY_DRAWING = "the drawing is empty: draw a digit (or upload a picture) first"
 
 
 def _no_progress(fraction: float, text: str) -> None:
@@ -149,7 +150,8 @@ def generate(
     chosen = validate.digits(digits, pipe.spec.num_classes) if pipe.conditional else [-1]
     count, note = validate.cap_count(per_digit, len(chosen))
     labels = torch.tensor(chosen).repeat_interleave(count)
-    opts = pipe.default_options(sampler=name, steps=steps, guidance=w)
+    overrides = {"sampler": name, "steps": steps, "guidance": w}
+    opts = pipe.default_options(**overrides)
     recorder = _TrajectoryRecorder(pipe, steps, progress)
     start = time.perf_counter()
     out = pipe.generate(
@@ -158,7 +160,7 @@ def generate(
         seed=s,
         batch_size=len(labels),
         callback=recorder,
-        **opts.__dict__,
+        **overrides,
     )
     seconds = time.perf_counter() - start
     images = pipe.to_uint8(out.x)
@@ -201,7 +203,7 @@ class _TrajectoryRecorder:
             t_to=ts[1 : k + 1],
             label=label,
             nfe=nfe,
-            options=dict(opts.__dict__),
+            options=opts.record(),
         )
 
 
@@ -264,3 +266,295 @@ def explain(
         f"with the {pipe.cfg.diffusion.schedule} schedule. λ = log(α²/σ²) under each cell."
     )
     return Explained(forward, curves, message)
+
+
+# --------------------------------------------------------------------------- Draw
+
+
+@dataclass(frozen=True)
+class Edited:
+    """A Draw / Interpolate answer.
+
+    Attributes:
+        view: the model's view of the input (upscaled 28x28; None when there is no input).
+        result: the edited images as an upscaled grid.
+        images: uint8 ``[N, 28, 28]`` results.
+        extra: a second picture (inversion latent, GIF path) or None.
+        message: what was done.
+    """
+
+    view: np.ndarray | None
+    result: np.ndarray
+    images: Tensor
+    extra: np.ndarray | Path | None
+    message: str
+
+
+def _blank(array: np.ndarray) -> bool:
+    """True when a drawing has no ink: fully transparent, or a single colour where opaque."""
+    if array.ndim == 3 and array.shape[-1] == 4:
+        opaque = array[..., 3] > 0
+        if not opaque.any():
+            return True
+        rgb = array[..., :3][opaque]
+        return bool((rgb == rgb[0]).all())
+    return bool((array == array.reshape(-1)[0]).all())
+
+
+def _editor_image(value: Any) -> Any:
+    """The picture inside an image-editor value (its ``composite``), or the value itself."""
+    if isinstance(value, dict):
+        return value.get("composite")
+    return value
+
+
+def read_drawing(value: Any, work_dir: str | Path) -> tuple[Tensor, bool]:
+    """A sketch (array, image path or Gradio image-editor value) as the model sees it.
+
+    The conversion is :func:`mnistdiff.edit.load_image`'s (MNIST's normalisation; a dark digit
+    on a light background is inverted).
+
+    Returns:
+        ``(uint8 [28, 28], inverted)``.
+
+    Raises:
+        DemoInputError: nothing drawn or uploaded, or not a picture.
+    """
+    from PIL import Image
+
+    from ..edit import load_image
+
+    picture = _editor_image(value)
+    if picture is None:
+        raise DemoInputError(EMPTY_DRAWING)
+    if isinstance(picture, (str, Path)):
+        path = Path(picture)
+    else:
+        array = np.asarray(picture)
+        if array.dtype != np.uint8 or array.ndim not in (2, 3):
+            raise DemoInputError(f"expected a picture, got an array {array.dtype} {array.shape}")
+        if _blank(array):
+            raise DemoInputError(EMPTY_DRAWING)
+        path = Path(work_dir) / "drawing.png"
+        Image.fromarray(array).save(path)
+    try:
+        image, inverted = load_image(path)
+    except ValueError as exc:
+        if "blank" in str(exc):
+            raise DemoInputError(EMPTY_DRAWING) from None
+        raise DemoInputError(f"could not read the drawing: {exc}") from None
+    return image, inverted
+
+
+def _view(image: Tensor) -> np.ndarray:
+    return pictures.upscale(image, 8)
+
+
+def _seen(inverted: bool) -> str:
+    return "drawn dark on light, so inverted" if inverted else "light on dark, as MNIST"
+
+
+def cleanup(
+    pipe: Pipeline,
+    drawing: Any,
+    label: Any,
+    strength: Any,
+    seed: Any,
+    *,
+    work_dir: str | Path,
+    progress: Progress = _no_progress,
+) -> Edited:
+    """SDEdit (:func:`mnistdiff.edit.sdedit`): noise the sketch to t = strength and denoise."""
+    from ..edit import sdedit
+
+    image, inverted = read_drawing(drawing, work_dir)
+    y = validate.optional_digit("digit", label, pipe.spec.num_classes)
+    t0, s = validate.strength(strength), validate.seed(seed)
+    progress(0.0, "cleaning up (SDEdit)")
+    out = sdedit(pipe, image[None], t0, None if y is None else [y], seed=s, progress=True)
+    what = "unconditional" if y is None else f"as a {y}"
+    message = (
+        f"SDEdit {what}: noised to t = {t0:g}, denoised in {out.info['steps_run']} steps of "
+        f"{out.info['sampler']} (NFE {out.nfe}); your sketch was {_seen(inverted)}"
+    )
+    return Edited(_view(image), _view(out.images[0]), out.images, None, message)
+
+
+def complete(
+    pipe: Pipeline,
+    drawing: Any,
+    region: Any,
+    box: Any,
+    label: Any,
+    seed: Any,
+    *,
+    work_dir: str | Path,
+    progress: Progress = _no_progress,
+) -> Edited:
+    """Inpainting (:func:`mnistdiff.edit.inpaint`, RePaint): regenerate the marked region."""
+    from ..edit import inpaint, make_mask
+
+    image, inverted = read_drawing(drawing, work_dir)
+    spec = validate.region(region, box)
+    y = validate.optional_digit("digit", label, pipe.spec.num_classes)
+    s = validate.seed(seed)
+    mask = make_mask(spec)
+    progress(0.0, "completing (RePaint)")
+    out = inpaint(pipe, image[None], mask, None if y is None else [y], seed=s, progress=True)
+    shown = image.clone()
+    shown[mask] = shown[mask] // 3  # the region to regenerate, dimmed
+    message = (
+        f"RePaint inpainting of the {spec.replace('box:', 'box ')} region (dimmed in the view"
+        f"{'' if y is None else f'; as a {y}'}), NFE {out.nfe}; pixels outside it are kept; "
+        f"your sketch was {_seen(inverted)}"
+    )
+    return Edited(_view(shown), _view(out.images[0]), out.images, None, message)
+
+
+def restyle(
+    pipe: Pipeline,
+    drawing: Any,
+    to_label: Any,
+    from_label: Any,
+    strength: Any,
+    *,
+    work_dir: str | Path,
+    progress: Progress = _no_progress,
+) -> Edited:
+    """Handwriting transfer (:func:`mnistdiff.edit.restyle`): your style, another digit."""
+    from ..edit import restyle as restyle_fn
+
+    image, inverted = read_drawing(drawing, work_dir)
+    target = validate.digit("restyle into", to_label, pipe.spec.num_classes)
+    source = validate.optional_digit("your digit", from_label, pipe.spec.num_classes)
+    t0 = validate.strength(strength)
+    progress(0.0, "restyling (invert, then regenerate)")
+    out = restyle_fn(pipe, image[None], target, source, strength=t0, progress=True)
+    message = (
+        f"inverted to t = {t0:g} ({'unconditionally' if source is None else f'as a {source}'}) "
+        f"and regenerated as a {target}, NFE {out.nfe}; your sketch was {_seen(inverted)}"
+    )
+    return Edited(_view(image), _view(out.images[0]), out.images, None, message)
+
+
+def invert(
+    pipe: Pipeline,
+    drawing: Any,
+    label: Any,
+    *,
+    work_dir: str | Path,
+    progress: Progress = _no_progress,
+) -> Edited:
+    """Inversion (:func:`mnistdiff.edit.invert`) to the noise, then decoding it again."""
+    from ..edit import decode, psnr
+    from ..edit import invert as invert_fn
+
+    image, inverted = read_drawing(drawing, work_dir)
+    y = validate.optional_digit("digit", label, pipe.spec.num_classes)
+    labels = None if y is None else [y]
+    progress(0.0, "inverting")
+    inv = invert_fn(pipe, image[None], labels, progress=True)
+    progress(0.5, "reconstructing")
+    x, nfe = decode(pipe, inv)
+    recon = pipe.to_uint8(x)
+    score = float(psnr(recon, image[None]).clamp(max=100.0)[0])
+    noise = (inv.latents[0, 0].float().cpu().clamp(-3, 3) + 3) * (255 / 6)
+    latent = pictures.upscale(noise.round().to(torch.uint8), 8)  # ε-like latent, ±3 shown
+    message = (
+        f"inverted to t = {inv.t:g} with {inv.sampling.sampler} ({inv.nfe} NFE"
+        f"{'' if y is None else f', as a {y}'}) and decoded back ({nfe} NFE): reconstruction "
+        f"PSNR {score:.1f} dB; your sketch was {_seen(inverted)}"
+    )
+    return Edited(_view(image), _view(recon[0]), recon, latent, message)
+
+
+# --------------------------------------------------------------------------- Number
+
+
+@dataclass(frozen=True)
+class Composed:
+    """A Number answer: the upscaled canvas, the library's composition and the layout."""
+
+    picture: np.ndarray
+    composition: Any  # mnistdiff.edit.Composition
+    layout: list[dict[str, Any]]
+    message: str
+
+
+def number(
+    pipe: Pipeline,
+    text: Any,
+    seed: Any,
+    style: Any = None,
+    style_label: Any = None,
+    *,
+    work_dir: str | Path,
+    progress: Progress = _no_progress,
+) -> Composed:
+    """A handwritten number (:func:`mnistdiff.edit.compose`) in one style.
+
+    ``style`` (optional picture) is a reference digit restyled into every digit;
+    ``layout`` gives each character's ``box`` (ink columns) and ``offset`` (frame corner) on
+    the 28-pixel-high canvas, as :class:`mnistdiff.edit.Composition` records them.
+    """
+    from ..edit import compose
+    from ..edit.compose import check_text
+
+    try:
+        chars = check_text(str(text or ""))
+    except ValueError as exc:
+        raise DemoInputError(str(exc)) from None
+    if len(chars) > 12:
+        raise DemoInputError(f"at most 12 characters per number, got {len(chars)}")
+    s = validate.seed(seed)
+    ref = ref_label = None
+    if _editor_image(style) is not None:
+        ref, _ = read_drawing(style, work_dir)
+        ref_label = validate.optional_digit("style digit", style_label, pipe.spec.num_classes)
+    progress(0.0, f"writing {chars}")
+    start = time.perf_counter()
+    comp = compose(pipe, chars, seed=s, style=ref, style_label=ref_label)
+    seconds = time.perf_counter() - start
+    layout = [
+        {"char": c, "box": list(b), "offset": list(o)}
+        for c, b, o in zip(comp.text, comp.boxes, comp.offsets, strict=True)
+    ]
+    how = "the style of your reference digit" if ref is not None else f"style seed {s}"
+    message = f"{comp.text} in {how}, NFE {comp.nfe} per digit, {seconds:.1f} s"
+    return Composed(pictures.upscale(comp.image), comp, layout, message)
+
+
+# --------------------------------------------------------------------------- Interpolate
+
+
+def interpolate(
+    pipe: Pipeline,
+    seed_a: Any,
+    seed_b: Any,
+    digit_a: Any,
+    digit_b: Any,
+    frames: Any,
+    *,
+    work_dir: str | Path,
+    progress: Progress = _no_progress,
+) -> Edited:
+    """Frames between two samples (:func:`mnistdiff.edit.interpolate`): slerp of the two seeds'
+    noise and, for two digits, a mix of their class embeddings."""
+    from ..edit import interpolate as interpolate_fn
+    from ..images import save_gif
+
+    a, b = validate.seed(seed_a), validate.seed(seed_b)
+    n = validate.frames(frames)
+    labels = None
+    if pipe.conditional:
+        labels = (
+            validate.digit("digit A", digit_a, pipe.spec.num_classes),
+            validate.digit("digit B", digit_b, pipe.spec.num_classes),
+        )
+    progress(0.0, f"{n} frames")
+    out = interpolate_fn(pipe, n, seeds=(a, b), labels=labels)
+    frames_up = [pictures.upscale(x, 4) for x in out.images]
+    gif = save_gif(frames_up + frames_up[::-1], Path(work_dir) / "interpolation.gif", 120)
+    what = "" if labels is None else f", digit {labels[0]} to {labels[1]}"
+    message = f"{n} frames from seed {a} to seed {b}{what} (NFE {out.nfe} per frame)"
+    return Edited(None, pictures.grid(out.images, n), out.images, gif, message)

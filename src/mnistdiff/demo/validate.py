@@ -111,3 +111,44 @@ def cap_count(per_digit: Any, num_digits: int, limit: int = MAX_IMAGES) -> tuple
         f"digit ({fits * num_digits} images, the limit is {limit} per request)"
     )
     return fits, note
+
+
+NO_LABEL = "none"
+
+
+def optional_digit(name: str, value: Any, num_classes: int = 10) -> int | None:
+    """A class index, or None for ``"none"`` / empty (unconditional)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", NO_LABEL)):
+        return None
+    return digit(name, value, num_classes)
+
+
+def strength(value: Any) -> float:
+    """An editing strength (start time t0) in (0, 1]."""
+    number = _number("strength", value)
+    if not 0.0 < number <= 1.0:
+        raise DemoInputError(f"strength must be in (0, 1], got {number:g}")
+    return number
+
+
+def frames(value: Any) -> int:
+    """Interpolation frames including both ends: ``2..MAX_FRAMES``."""
+    return integer("frames", value, 2, MAX_FRAMES)
+
+
+REGIONS = ("bottom", "top", "left", "right", "box")
+
+
+def region(value: Any, box: Any = "") -> str:
+    """An inpainting mask spec for :func:`mnistdiff.edit.make_mask`: a half, or ``box:...``.
+
+    ``box`` is ``"x0,y0,x1,y1"`` in the 28x28 view's pixels (columns x0..x1-1, rows y0..y1-1).
+    """
+    if value not in REGIONS:
+        raise DemoInputError(f"region {value!r} unknown; allowed: {', '.join(REGIONS)}")
+    if value != "box":
+        return str(value)
+    text = str(box or "").replace(" ", "")
+    if not text:
+        raise DemoInputError("region 'box' needs the box as x0,y0,x1,y1 (pixels of the 28x28 view)")
+    return f"box:{text}"
