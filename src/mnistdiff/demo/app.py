@@ -316,13 +316,23 @@ def _interpolate_tab(pipe, d: handlers.Defaults, work_dir: Path) -> None:
 # --------------------------------------------------------------------------- app
 
 
-def build_app(pipe, *, work_dir: str | Path, data_dir: str | None = None) -> gr.Blocks:
-    """The demo's Blocks (not yet queued or launched) on a loaded model."""
+def build_app(
+    pipe, *, work_dir: str | Path, data_dir: str | None = None, model_name: str | None = None
+) -> gr.Blocks:
+    """The demo's Blocks (not yet queued or launched) on a loaded model.
+
+    Args:
+        pipe: the loaded model.
+        work_dir: folder for the GIFs and drawings of requests.
+        data_dir: MNIST folder for the Explain tab's test digits (None: ``$MNIST_DIR``/cache).
+        model_name: how the page names the model (default: its path).
+    """
     d = handlers.defaults(pipe)
     work_dir = Path(work_dir)
+    name = model_name or f"`{pipe.source}`"
     with gr.Blocks(title=TITLE, analytics_enabled=False) as app:
         gr.Markdown(
-            f"# {TITLE}\nA diffusion model trained on MNIST: `{pipe.source}` "
+            f"# {TITLE}\nA diffusion model trained on MNIST: {name} "
             f"({pipe.cfg.model.type}, {d.schedule} schedule). Requests run one at a time."
         )
         with gr.Tabs():
@@ -349,7 +359,8 @@ def serve(args: argparse.Namespace) -> int:
     pipe = handlers.load_model(args.checkpoint, device=args.device)
     print(f"model: {pipe.source} on {pipe.device} ({pipe.precision.name}, {threads} threads)")
     with tempfile.TemporaryDirectory(prefix="mnistdiff-demo-") as work_dir:
-        app = build_app(pipe, work_dir=work_dir)
+        shipped = "the pretrained model shipped with mnistdiff" if args.checkpoint is None else None
+        app = build_app(pipe, work_dir=work_dir, model_name=shipped)
         app.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE)
         app.launch(
             server_name=args.host,

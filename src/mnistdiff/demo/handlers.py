@@ -291,14 +291,16 @@ class Edited:
 
 
 def _blank(array: np.ndarray) -> bool:
-    """True when a drawing has no ink: fully transparent, or a single colour where opaque."""
+    """True when a drawing has no ink: fully transparent, or one flat colour all over."""
     if array.ndim == 3 and array.shape[-1] == 4:
         opaque = array[..., 3] > 0
         if not opaque.any():
             return True
-        rgb = array[..., :3][opaque]
-        return bool((rgb == rgb[0]).all())
-    return bool((array == array.reshape(-1)[0]).all())
+        if not opaque.all():  # strokes on a transparent canvas
+            return False
+        array = array[..., :3]
+    flat = array.reshape(-1, array.shape[-1]) if array.ndim == 3 else array.reshape(-1)
+    return bool((flat == flat[0]).all())
 
 
 def _editor_image(value: Any) -> Any:
