@@ -66,13 +66,10 @@ def configure_threads(threads: int | None = None) -> int:
 
 
 def load_model(checkpoint: str | Path | None = None, device: str = "auto") -> Pipeline:
-    """The demo's model: ``checkpoint`` (run dir, ``.pt`` or export dir), else the shipped one."""
+    """The demo's model: ``checkpoint`` (run dir, ``.pt`` or export dir), else the shipped one
+    (:mod:`mnistdiff.pretrained`, checksum-verified by :meth:`Pipeline.load`)."""
     from ..sample import Pipeline
 
-    if checkpoint is None:
-        from ..pretrained import verified_dir
-
-        checkpoint = verified_dir()
     return Pipeline.load(checkpoint, device=device)
 
 
