@@ -362,12 +362,17 @@ def serve(args: argparse.Namespace) -> int:
         shipped = "the pretrained model shipped with mnistdiff" if args.checkpoint is None else None
         app = build_app(pipe, work_dir=work_dir, model_name=shipped)
         app.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE)
-        app.launch(
-            server_name=args.host,
-            server_port=args.port,
-            share=args.share,
-            show_error=True,
-            ssr_mode=False,
-            footer_links=["api"],
-        )
+        try:
+            app.launch(
+                server_name=args.host,
+                server_port=args.port,
+                share=args.share,
+                show_error=True,
+                ssr_mode=False,
+                footer_links=["api"],
+            )
+        except OSError as exc:  # port taken, address not on this machine
+            raise ValueError(
+                f"cannot serve on {args.host}:{args.port} ({exc}); choose another --port/--host"
+            ) from None
     return 0
