@@ -207,6 +207,19 @@ def test_number_layout_cuts_each_glyph(pipe, tmp_path):
         handlers.number(pipe, "", 0, work_dir=tmp_path)
 
 
+def test_number_in_the_style_of_a_drawing(pipe, tmp_path):
+    out = handlers.number(pipe, "31", 0, {"composite": stroke()}, "1", work_dir=tmp_path)
+    assert out.composition.glyphs.shape == (2, 28, 28)
+    assert "style of your reference digit" in out.message
+    with pytest.raises(DemoInputError, match="style digit must be in 0..9"):
+        handlers.number(pipe, "31", 0, {"composite": stroke()}, "12", work_dir=tmp_path)
+
+
+def test_explain_with_a_test_digit(pipe, real_mnist):
+    out = handlers.explain(pipe, 4, None, "test", 2)
+    assert "MNIST test digit 4 (number 2 of its class)" in out.message
+
+
 def test_interpolate_frames_and_gif(pipe, tmp_path):
     out = handlers.interpolate(pipe, 0, 1, 2, 2, 4, work_dir=tmp_path)
     assert out.images.shape == (4, 28, 28)
