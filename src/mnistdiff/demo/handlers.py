@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..transforms import to_model_range
 from ..samplers import get_sampler, nfe_for
 from ..schedules import SCHEDULE_NAMES, time_grid
+from ..transforms import to_model_range
 from ..visualize import (
     DEFAULT_TIMES,
     Trajectory,
