@@ -268,6 +268,12 @@ def cmd_visualize(args) -> int:
     return run_visualize_cli(args)
 
 
+def cmd_demo(args) -> int:
+    from .demo import run_demo_cli
+
+    return run_demo_cli(args)
+
+
 def cmd_train_evaluator(args) -> int:
     from .evaluator import train_evaluator
 
@@ -346,6 +352,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_visualize_args(p)
     p.set_defaults(func=cmd_visualize)
+
+    p = sub.add_parser("demo", help="web demo (Gradio): generate, draw, numbers, explain")
+    from .demo import add_demo_args
+
+    add_demo_args(p)
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("train-evaluator", help="train the MNIST feature network for metrics")
     p.add_argument("--out", required=True, help="output directory")
@@ -463,6 +475,7 @@ def _digits(text: str) -> list[int]:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from .checkpoint import CheckpointError
     from .config import ConfigError
+    from .demo import DemoUnavailable
     from .device import DeviceError
     from .evaluator import EvaluatorError
     from .idx import DataError
@@ -475,6 +488,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         DeviceError,
         TrainingError,
         EvaluatorError,
+        DemoUnavailable,
         FileNotFoundError,
         ValueError,
     )
