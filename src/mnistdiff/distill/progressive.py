@@ -1,0 +1,110 @@
+"""Progressive distillation (Salimans & Ho 2022, "Progressive distillation for fast sampling of
+diffusion models", ICLR 2022, Algorithm 2), for any schedule (alpha_t, sigma_t).
+
+A student that takes N deterministic DDIM steps on the uniform grid ``t_i = i / N`` learns to
+do in one step what its teacher does in two. For ``t = i / N`` (``i`` uniform in 1..N),
+``t' = t - 1/(2N)``, ``t'' = t - 1/N`` and ``x_t = alpha_t x0 + sigma_t eps``, the teacher
+takes two DDIM steps (``x0_hat`` clipped to [-1, 1] as the samplers do):
+
+    x0_a = T(x_t, t),     z' = alpha_t' x0_a + sigma_t' (x_t - alpha_t x0_a) / sigma_t,
+    x0_b = T(z', t'),     z'' = alpha_t'' x0_b + sigma_t'' (z' - alpha_t' x0_b) / sigma_t',
+
+and the student's one DDIM step from ``x_t`` lands on ``z''`` exactly when its clean-image
+estimate is
+
+    x0_target = (z'' - (sigma_t'' / sigma_t) x_t) / (alpha_t'' - (sigma_t'' / sigma_t) alpha_t)
+
+(at the last step, ``t'' = 0``, this is ``z'' = x0_b``). The loss is the squared error of the
+student's prediction against ``x0_target`` in its own prediction space (eps / x0 / v /
+velocity, via :func:`mnistdiff.parameterization.target_from_x0`); for rectified flow with
+velocity prediction this weights the x0 error by ``1 / t^2``, as the teacher's training did.
+
+Rounds: the first student (``start_steps`` steps) learns from the original teacher at
+``2 * start_steps`` DDIM steps; each round's student becomes the next round's teacher and the
+steps halve until ``steps``. On rectified flow one DDIM step is exactly one Euler step of the
+velocity field, so the student samples with ``ddim`` on the ``uniform`` grid. Guidance: the
+first teacher is asked for ``u + w (c - u)`` (:func:`mnistdiff.distill.teacher.guided_x0`);
+a student without a guidance input has ``w`` baked in, so later teachers run at ``w = 1``
+(one pass); a student with one (distilled from a guidance-distilled teacher, Meng et al.
+2023 stage two) gets the same ``w`` as its teacher.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ..parameterization import Denoiser, target_from_x0
+from .batch import Batch
+from .teacher import GuidancePlan, drop_labels, guided_x0
+
+
+def _ddim_step(x: Tensor, x0: Tensor, a_t: Tensor, s_t: Tensor, a_s: Tensor, s_s: Tensor) -> Tensor:
+    """Deterministic DDIM from time t to s given the clean-image estimate ``x0``."""
+    return a_s * x0 + s_s * (x - a_t * x0) / s_t
+
+
+def round_steps(start_steps: int, steps: int) -> list[int]:
+    """Student steps of each round: ``[start_steps, start_steps / 2, ..., steps]``.
+
+    Raises:
+        ValueError: ``start_steps`` is not ``steps`` times a power of two >= 2.
+    """
+    ratio = start_steps // steps if steps >= 1 else 0
+    if steps < 1 or start_steps % steps or ratio < 2 or ratio & (ratio - 1):
+        raise ValueError(
+            f"start_steps {start_steps} must be steps {steps} times a power of two >= 2"
+        )
+    return [steps * 2**k for k in range(int(math.log2(ratio)), -1, -1)]
+
+
+def progressive_loss(
+    student: Denoiser,
+    teacher: Denoiser,
+    batch: Batch,
+    generator: torch.Generator,
+    *,
+    student_steps: int,
+    plan: GuidancePlan,
+    label_dropout: float = 0.1,
+) -> Tensor:
+    """Per-example loss ``[B]``: the student's one step against the teacher's two.
+
+    Randomness (grid index, noise, scales, label drops, in that order) comes only from
+    ``generator``.
+
+    Args:
+        student: the student (N = ``student_steps`` steps).
+        teacher: the frozen teacher (2N steps).
+        batch: real images and labels.
+        generator: the step's generator.
+        student_steps: N.
+        plan: the guidance scales of teacher and student.
+        label_dropout: probability of the null label.
+    """
+    x0 = batch.x0.float()
+    n, device = x0.shape[0], x0.device
+    i = torch.randint(1, student_steps + 1, (n,), generator=generator, device=generator.device)
+    t = (i.to(torch.float64) / student_steps).to(device)
+    noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(device)
+    teacher_w, student_w = plan.draw(n, generator, device)
+    labels = drop_labels(batch.labels, label_dropout, student.null_label, generator)
+    t_mid = t - 0.5 / student_steps
+    t_end = (t - 1.0 / student_steps).clamp(min=0.0)  # [B] float64
+    a_t, s_t = student.coefficients(t, x0)
+    a_m, s_m = student.coefficients(t_mid, x0)
+    a_e, s_e = student.coefficients(t_end, x0)
+    x_t = a_t * x0 + s_t * noise  # [B, C, H, W]
+    t32, tm32 = t.float(), t_mid.float()
+    with torch.no_grad():
+        x0_a = guided_x0(teacher, x_t, t32, labels, teacher_w)
+        z_mid = _ddim_step(x_t, x0_a, a_t, s_t, a_m, s_m)
+        x0_b = guided_x0(teacher, z_mid, tm32, labels, teacher_w)
+        z_end = _ddim_step(z_mid, x0_b, a_m, s_m, a_e, s_e)
+        ratio = s_e / s_t
+        x0_target = (z_end - ratio * x_t) / (a_e - ratio * a_t)
+    target = target_from_x0(student.prediction, x0_target, x_t, a_t, s_t)
+    pred = student.predict(x_t, t32, labels, student_w).float()
+    return (pred - target).square().flatten(1).mean(dim=1)
