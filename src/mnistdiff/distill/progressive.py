@@ -60,6 +60,41 @@ def round_steps(start_steps: int, steps: int) -> list[int]:
     return [steps * 2**k for k in range(int(math.log2(ratio)), -1, -1)]
 
 
+@torch.no_grad()
+def two_step_target(
+    teacher: Denoiser,
+    x_t: Tensor,
+    t: Tensor,
+    student_steps: int,
+    labels: Tensor | None,
+    w: Tensor,
+) -> Tensor:
+    """The clean-image estimate whose one DDIM step ``t -> t - 1/N`` lands where the teacher's
+    two steps ``t -> t - 1/(2N) -> t - 1/N`` land (the module docstring's ``x0_target``).
+
+    Args:
+        teacher: the frozen teacher.
+        x_t: noisy images at ``t`` ``[B, C, H, W]``.
+        t: float64 times ``[B]`` on the student's grid (multiples of ``1 / student_steps``).
+        student_steps: N.
+        labels: int64 ``[B]`` or None.
+        w: the teacher's guidance scales ``[B]``.
+    """
+    t = t.to(torch.float64)
+    t_mid = t - 0.5 / student_steps
+    t_end = (t - 1.0 / student_steps).clamp(min=0.0)
+    a_t, s_t = teacher.coefficients(t, x_t)
+    a_m, s_m = teacher.coefficients(t_mid, x_t)
+    a_e, s_e = teacher.coefficients(t_end, x_t)
+    x_t = x_t.float()
+    x0_a = guided_x0(teacher, x_t, t.float(), labels, w)
+    z_mid = _ddim_step(x_t, x0_a, a_t, s_t, a_m, s_m)
+    x0_b = guided_x0(teacher, z_mid, t_mid.float(), labels, w)
+    z_end = _ddim_step(z_mid, x0_b, a_m, s_m, a_e, s_e)
+    ratio = s_e / s_t
+    return (z_end - ratio * x_t) / (a_e - ratio * a_t)
+
+
 def progressive_loss(
     student: Denoiser,
     teacher: Denoiser,
@@ -91,20 +126,9 @@ def progressive_loss(
     noise = torch.randn(x0.shape, generator=generator, device=generator.device).to(device)
     teacher_w, student_w = plan.draw(n, generator, device)
     labels = drop_labels(batch.labels, label_dropout, student.null_label, generator)
-    t_mid = t - 0.5 / student_steps
-    t_end = (t - 1.0 / student_steps).clamp(min=0.0)  # [B] float64
     a_t, s_t = student.coefficients(t, x0)
-    a_m, s_m = student.coefficients(t_mid, x0)
-    a_e, s_e = student.coefficients(t_end, x0)
     x_t = a_t * x0 + s_t * noise  # [B, C, H, W]
-    t32, tm32 = t.float(), t_mid.float()
-    with torch.no_grad():
-        x0_a = guided_x0(teacher, x_t, t32, labels, teacher_w)
-        z_mid = _ddim_step(x_t, x0_a, a_t, s_t, a_m, s_m)
-        x0_b = guided_x0(teacher, z_mid, tm32, labels, teacher_w)
-        z_end = _ddim_step(z_mid, x0_b, a_m, s_m, a_e, s_e)
-        ratio = s_e / s_t
-        x0_target = (z_end - ratio * x_t) / (a_e - ratio * a_t)
+    x0_target = two_step_target(teacher, x_t, t, student_steps, labels, teacher_w)
     target = target_from_x0(student.prediction, x0_target, x_t, a_t, s_t)
-    pred = student.predict(x_t, t32, labels, student_w).float()
+    pred = student.predict(x_t, t.float(), labels, student_w).float()
     return (pred - target).square().flatten(1).mean(dim=1)

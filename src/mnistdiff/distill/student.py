@@ -111,7 +111,11 @@ def load_teacher_weights(student: nn.Module, weights: dict) -> None:
     Raises:
         ValueError: any other missing or unexpected key (the architectures differ).
     """
-    result = student.load_state_dict(weights, strict=False)
+    try:
+        result = student.load_state_dict(weights, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        first = str(exc).splitlines()[1].strip() if "\n" in str(exc) else str(exc)
+        raise ValueError(f"student and teacher architectures differ: {first}") from None
     missing = [k for k in result.missing_keys if not k.startswith("cond.guidance_mlp.")]
     if missing or result.unexpected_keys:
         raise ValueError(
