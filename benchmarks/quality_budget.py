@@ -233,7 +233,6 @@ def run_student(teacher_dir: Path, spec: str, args, evaluator, floor, tmp: Path)
         "teacher": str(teacher_dir),
         "distill_minutes": (time.perf_counter() - t0) / 60,
         "distill_loop_minutes": state["train_seconds"] / 60,
-        "reflow_pair_minutes": state["distill"]["pair_seconds"] / 60,
         "distill_steps": state["step"],
     }
     log(f"[{name}] sampling {args.num_samples} images")

@@ -13,7 +13,7 @@ from mnistdiff.data import DataSpec
 from mnistdiff.distill import distill_checkpoint, student_config
 from mnistdiff.distill.batch import Batch
 from mnistdiff.distill.guidance import guidance_distillation_loss
-from mnistdiff.distill.progressive import round_steps, two_step_target
+from mnistdiff.distill.progressive import two_step_target
 from mnistdiff.distill.reflow import generate_pairs, reflow_loss
 from mnistdiff.distill.student import load_teacher_weights
 from mnistdiff.distill.teacher import GuidancePlan, guided_x0
@@ -122,13 +122,6 @@ def test_progressive_target_lands_where_two_teacher_ddim_steps_land(overrides, i
         ddim(teacher_fn, x_t, teacher.schedule, grid(fine), callback=keep("teacher", 1))
         ddim(lambda x, t: target, x_t, teacher.schedule, grid(coarse), callback=keep("student", 0))
     torch.testing.assert_close(states["student"], states["teacher"], atol=2e-5, rtol=1e-4)
-
-
-def test_round_steps_halve_to_the_target():
-    assert round_steps(16, 4) == [16, 8, 4]
-    assert round_steps(2, 1) == [2, 1]
-    with pytest.raises(ValueError, match="power of two"):
-        round_steps(12, 4)
 
 
 def test_reflow_pairs_are_the_guided_teacher_ode_samples():
@@ -244,8 +237,9 @@ def test_student_config_records_how_to_sample_it():
         student_config(teacher, "magic", teacher_path="t")
     with pytest.raises(ConfigError, match="already guidance-distilled"):
         student_config(g, "guidance", teacher_path="g")
-    with pytest.raises(ConfigError, match="power of two"):
-        student_config(teacher, "progressive", teacher_path="t", steps=3)
+    # a student of a baked-in student asks its teacher at w = 1 (one pass)
+    pp = student_config(p, "progressive", teacher_path="p", steps=1)
+    assert pp.distill.guidance == 1.0 and pp.sample.guidance == 1.0
 
 
 # --------------------------------------------------------------------------- end to end
@@ -272,9 +266,8 @@ def flow_teacher(tmp_path_factory):
 TINY_DISTILL = [
     "train.log_every=2",
     "train.checkpoint_every=3",
+    "train.val_every=3",
     "train.preview_per_class=1",
-    "distill.start_steps=4",
-    "distill.pairs=24",
     "distill.pair_steps=2",
     "sample.batch_size=16",
 ]
@@ -309,16 +302,17 @@ def test_distill_resumes_bit_for_bit(flow_teacher, tmp_path, method):
     from mnistdiff.checkpoint import load_checkpoint
 
     _run(flow_teacher, method, tmp_path / "straight")
-    _run(flow_teacher, method, tmp_path / "split", stop=4)  # progressive: round 2 began at 3
+    _run(flow_teacher, method, tmp_path / "split", stop=4)
     _run(flow_teacher, method, tmp_path / "split", resume="auto")
     a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
     b = load_checkpoint(tmp_path / "split" / "checkpoints" / "last.pt")
     assert a["step"] == b["step"] == 6
     for key in ("model", "ema", "optimizer", "data_state"):
         assert _same(a[key], b[key]), key
-    for key in ("round", "round_start", "teacher"):  # the teacher of the current round
-        assert _same(a["distill"][key], b["distill"][key]), key
-    assert [r["loss"] for r in a["history"]] == [r["loss"] for r in b["history"]]
+    assert a["task"]["name"] == "distill"
+    assert _same(a["task"]["state"]["teacher"], b["task"]["state"]["teacher"])
+    assert [r.get("loss") for r in a["history"]] == [r.get("loss") for r in b["history"]]
+    assert [r.get("val_loss") for r in a["history"]] == [r.get("val_loss") for r in b["history"]]
     assert (tmp_path / "straight" / "samples" / "samples_final.png").is_file()
 
 

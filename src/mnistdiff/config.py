@@ -316,24 +316,20 @@ class DistillConfig:
     """How a student was (is being) distilled from a teacher; ``method: null`` = not a student.
 
     The optimizer, budget, batch, EMA, logging and checkpoints come from the ``train``
-    section: distillation is training with another loss and a teacher.
+    section and the null-label rate from ``diffusion.label_dropout``: distillation is training
+    with another loss and a teacher.
     """
 
     method: str | None = _opt(None, choices=(None, *DISTILL_METHODS), help="null: no teacher")
     teacher: str | None = _opt(None, help="teacher checkpoint or run directory it started from")
     steps: int = _opt(4, lo=1, hi=10000, help="student sampler steps (progressive, reflow)")
     guidance: float = _opt(
-        1.4, lo=0.0, hi=100.0, help="w baked into a student without a guidance input"
+        1.4, lo=0.0, hi=100.0, help="the teacher's w, baked into a student without a w input"
     )
     guidance_min: float = _opt(1.0, lo=0.0, hi=100.0, help="w range drawn for a w-input student")
     guidance_max: float = _opt(3.0, lo=0.0, hi=100.0)
-    label_dropout: float = _opt(0.1, lo=0.0, hi=1.0, help="p(null label) in distillation")
-    start_steps: int = _opt(
-        16, lo=2, hi=10000, help="progressive: the first student's steps (teacher: twice that)"
-    )
-    pairs: int = _opt(4000, lo=1, hi=10**7, help="reflow: (noise, teacher sample) pairs")
     pair_sampler: str = _opt("dpmpp_2m", help="reflow: the teacher's sampler for the pairs")
-    pair_steps: int = _opt(10, lo=1, hi=10000, help="reflow: the teacher's steps for the pairs")
+    pair_steps: int = _opt(6, lo=1, hi=10000, help="reflow: the teacher's steps for the pairs")
 
 
 @dataclass(frozen=True)
@@ -460,21 +456,11 @@ def _check_consistency(cfg: Any) -> None:
             )
     if isinstance(cfg, _SampleOptionsBase):
         _check_sample_options(cfg)
-    if isinstance(cfg, DistillConfig):
-        if cfg.guidance_min > cfg.guidance_max:
-            raise ConfigError(
-                f"distill.guidance_min {cfg.guidance_min} must be <= distill.guidance_max "
-                f"{cfg.guidance_max}"
-            )
-        if cfg.method == "progressive" and (
-            cfg.start_steps < 2 * cfg.steps
-            or cfg.start_steps % cfg.steps
-            or (cfg.start_steps // cfg.steps) & (cfg.start_steps // cfg.steps - 1)
-        ):
-            raise ConfigError(
-                f"distill.start_steps {cfg.start_steps} must be distill.steps {cfg.steps} times "
-                "a power of two >= 2 (progressive distillation halves the steps each round)"
-            )
+    if isinstance(cfg, DistillConfig) and cfg.guidance_min > cfg.guidance_max:
+        raise ConfigError(
+            f"distill.guidance_min {cfg.guidance_min} must be <= distill.guidance_max "
+            f"{cfg.guidance_max}"
+        )
     if isinstance(cfg, TrainConfig) and cfg.batch_size % cfg.grad_accum:
         raise ConfigError(
             f"train.batch_size {cfg.batch_size} must be divisible by train.grad_accum "

@@ -19,19 +19,19 @@ student's prediction against ``x0_target`` in its own prediction space (eps / x0
 velocity, via :func:`mnistdiff.parameterization.target_from_x0`); for rectified flow with
 velocity prediction this weights the x0 error by ``1 / t^2``, as the teacher's training did.
 
-Rounds: the first student (``start_steps`` steps) learns from the original teacher at
-``2 * start_steps`` DDIM steps; each round's student becomes the next round's teacher and the
-steps halve until ``steps``. On rectified flow one DDIM step is exactly one Euler step of the
-velocity field, so the student samples with ``ddim`` on the ``uniform`` grid. Guidance: the
-first teacher is asked for ``u + w (c - u)`` (:func:`mnistdiff.distill.teacher.guided_x0`);
-a student without a guidance input has ``w`` baked in, so later teachers run at ``w = 1``
-(one pass); a student with one (distilled from a guidance-distilled teacher, Meng et al.
-2023 stage two) gets the same ``w`` as its teacher.
+Rounds: one distillation run is one round, a student of N steps from a teacher sampled at
+2N; the paper's halving schedule is a chain of runs, each student the next run's teacher
+(``mnistdiff distill --checkpoint PREVIOUS_STUDENT --method progressive --steps N/2``). On
+rectified flow one DDIM step is exactly one Euler step of the velocity field, so the student
+samples with ``ddim`` on the ``uniform`` grid. Guidance: the teacher is asked for
+``u + w (c - u)`` (:func:`mnistdiff.distill.teacher.guided_x0`) at ``distill.guidance``,
+which defaults to the teacher's own ``sample.guidance``; a student without a guidance input
+has ``w`` baked in and records ``sample.guidance: 1``, so its own student asks it at ``w = 1``
+(one pass); a student with one (of a guidance-distilled teacher, Meng et al. 2023 stage two)
+gets the same drawn ``w`` as its teacher.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import Tensor
@@ -44,20 +44,6 @@ from .teacher import GuidancePlan, drop_labels, guided_x0
 def _ddim_step(x: Tensor, x0: Tensor, a_t: Tensor, s_t: Tensor, a_s: Tensor, s_s: Tensor) -> Tensor:
     """Deterministic DDIM from time t to s given the clean-image estimate ``x0``."""
     return a_s * x0 + s_s * (x - a_t * x0) / s_t
-
-
-def round_steps(start_steps: int, steps: int) -> list[int]:
-    """Student steps of each round: ``[start_steps, start_steps / 2, ..., steps]``.
-
-    Raises:
-        ValueError: ``start_steps`` is not ``steps`` times a power of two >= 2.
-    """
-    ratio = start_steps // steps if steps >= 1 else 0
-    if steps < 1 or start_steps % steps or ratio < 2 or ratio & (ratio - 1):
-        raise ValueError(
-            f"start_steps {start_steps} must be steps {steps} times a power of two >= 2"
-        )
-    return [steps * 2**k for k in range(int(math.log2(ratio)), -1, -1)]
 
 
 @torch.no_grad()

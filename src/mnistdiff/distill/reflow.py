@@ -14,11 +14,12 @@ on (0, 1]; the student starts from the teacher's weights; the loss is measured i
 student's prediction space (for ``velocity`` exactly the formula above). On rectified flow
 one DDIM step is one Euler step, so the student samples with ``ddim`` on the ``uniform`` grid.
 
-Pairs are generated once, before training, from a seeded generator (the pool is a pure
-function of the seed and the teacher; it is saved beside the checkpoints so a resumed run
-does not pay for it again). Guidance: a student without a guidance input learns the pairs of
-one fixed ``w``; a student with one learns pairs of scales drawn from ``[w_min, w_max]`` and
-is told the scale of each pair.
+Pairs are generated online (:func:`online_reflow_loss`): every training example is a fresh
+pair from the step's generator, so nothing is stored, no pair is seen twice, and a resumed
+run is exact. It costs the teacher's solver (``distill.pair_sampler``, ``pair_steps``; two
+passes per step with classifier-free guidance) per example. Guidance: a student without a
+guidance input learns the pairs of one fixed ``w``; a student with one learns pairs of scales
+drawn from ``[w_min, w_max]`` and is told the scale of each pair.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ def generate_pairs(
     sampler: str = "dpmpp_2m",
     steps: int = 10,
     grid: str = "uniform",
+    num: int | None = None,
 ) -> Batch:
     """One batch of (noise, guided teacher sample) pairs.
 
@@ -66,13 +68,14 @@ def generate_pairs(
         plan: the guidance scales (fixed ``w``, or a range with ``student_input``).
         label_dropout: probability of a null-label (unconditional) pair.
         sampler, steps, grid: the teacher's solver.
+        num: number of pairs when ``labels`` is None (default 1).
 
     Returns:
         ``Batch(x0=samples, labels=labels used, noise=z, guidance=w or None)``.
     """
     check_flow(teacher)
     device = next(teacher.parameters()).device
-    n = labels.shape[0] if labels is not None else 1
+    n = labels.shape[0] if labels is not None else (num or 1)
     noise = torch.randn((n, *teacher.image_shape), generator=generator, device=generator.device)
     noise = noise.to(device)
     teacher_w, student_w = plan.draw(n, generator, device)
@@ -108,3 +111,33 @@ def reflow_loss(
     target = prediction_target(student.prediction, x1, z, alpha, sigma)
     pred = student.predict(x_t, t, batch.labels, batch.guidance).float()
     return (pred - target).square().flatten(1).mean(dim=1)
+
+
+def online_reflow_loss(
+    student: Denoiser,
+    teacher: Denoiser,
+    batch: Batch,
+    generator: torch.Generator,
+    *,
+    plan: GuidancePlan,
+    sampler: str = "dpmpp_2m",
+    steps: int = 6,
+    grid: str = "uniform",
+) -> Tensor:
+    """:func:`reflow_loss` on fresh pairs of ``batch.labels`` (the images are not used).
+
+    Randomness (the pairs' noise, scales and sampler noise, then the times) comes only from
+    ``generator``; labels arrive already dropped to the null label where the loop chose to.
+    """
+    pairs = generate_pairs(
+        teacher,
+        batch.labels,
+        generator,
+        plan=plan,
+        label_dropout=0.0,
+        sampler=sampler,
+        steps=steps,
+        grid=grid,
+        num=batch.x0.shape[0],
+    )
+    return reflow_loss(student, teacher, pairs, generator)
