@@ -246,18 +246,20 @@ def test_student_config_records_how_to_sample_it():
 
 
 @pytest.fixture(scope="module")
-def flow_teacher(tmp_path_factory):
-    """A smoke-sized rectified-flow teacher trained for a few steps on real MNIST."""
-    from conftest import mnist_dir
+def flow_teacher(tmp_path_factory, synthetic_data):
+    """A smoke-sized rectified-flow teacher trained for a few steps on the synthetic digits."""
     from mnistdiff.train import train
 
-    path = mnist_dir()
-    if path is None:
-        pytest.skip("real MNIST not available (set MNIST_DIR)")
     run = tmp_path_factory.mktemp("teacher") / "run"
     cfg = load_config(
         ROOT / "configs" / "smoke.yaml",
-        [f"train.run_dir={run}", f"data.data_dir={path}", "train.steps=4", *FLOW],
+        [
+            f"train.run_dir={run}",
+            "data.dataset=synthetic",
+            f"data.data_dir={synthetic_data}",
+            "train.steps=4",
+            *FLOW,
+        ],
     )
     train(cfg, log=lambda *a, **k: None)
     return run

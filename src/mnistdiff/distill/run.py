@@ -13,10 +13,9 @@ from pathlib import Path
 
 import torch
 
-from ..build import crop_to, original_size
 from ..checkpoint import CheckpointError, load_checkpoint, read_export, resolve
 from ..config import Config, from_dict
-from ..data import DataSpec, from_model_range
+from ..data import DataSpec
 from ..device import select_device
 from ..images import save_grid
 from ..sample import Pipeline, label_tensor
@@ -80,8 +79,9 @@ def save_preview(run_dir: Path, cfg: Config) -> Path:
     per_class = cfg.train.preview_per_class
     labels = label_tensor(per_class=per_class, num_classes=pipe.spec.num_classes)
     out = pipe.generate(labels if pipe.conditional else None, len(labels), seed=cfg.train.seed)
-    images = from_model_range(crop_to(out.x, original_size(pipe.spec, cfg.data)))
-    return save_grid(images, run_dir / "samples" / "samples_final.png", nrow=per_class, scale=2)
+    return save_grid(
+        pipe.to_uint8(out.x), run_dir / "samples" / "samples_final.png", nrow=per_class, scale=2
+    )
 
 
 __all__ = ["distill", "load_teacher", "save_preview"]
