@@ -13,10 +13,20 @@
    for the same budget in the same process, is sampled and scored the same way, and the JSON
    gets the ratios recipe / baseline of every metric.
 
+5. Distillation phase (``--distill METHOD[:STEPS]``, repeatable): each student is distilled
+   from the recipe's model (or from an existing run given by ``--teacher RUN``, which is then
+   sampled and scored instead of training a new one) under ``--distill-minutes`` of
+   wall-clock (``mnistdiff.distill``), sampled with the settings recorded in its own config
+   and scored the same way. Each row reports network passes per image (classifier-free
+   guidance counts two per solver step unless the model is guidance-distilled) beside the
+   solver's NFE, the sampling seconds for N images, and its FD over the teacher's.
+
 JSON goes to stdout (and ``--out``, rewritten after each recipe so a finished result is never
 lost); progress goes to stderr. ``--tiny`` runs in seconds.
 Example: ``python benchmarks/quality_budget.py --config configs/quick.yaml --minutes 10
---baseline diffusers --out q10.json``.
+--baseline diffusers --out q10.json``; distillation of an existing teacher:
+``python benchmarks/quality_budget.py --teacher runs/quick --distill progressive:4
+--distill reflow:4 --distill-minutes 10 --out distill.json``.
 """
 
 from __future__ import annotations
@@ -155,6 +165,8 @@ def sample_recipe(run_dir: Path, num: int, seed: int, device: str):
         "sampler": s.sampler,
         "sampler_steps": s.steps,
         "nfe": out.nfe,
+        "passes_per_image": out.passes_per_image,
+        "guidance_distilled": pipe.denoiser.accepts_guidance,
         "guidance": s.guidance if pipe.conditional else None,
         "sample_precision": pipe.precision.name,
         "sampling_seconds": seconds,
@@ -179,6 +191,78 @@ def run_recipe(cfg: Config, name: str, args, evaluator, floor, tmp: Path) -> dic
     row |= score(images, labels, evaluator, args.seed, cfg.data)
     save_samples(images, labels, args.out_dir, name)
     return with_floor(row, floor)
+
+
+# --------------------------------------------------------------------------- distillation
+
+
+def parse_distill_spec(spec: str) -> tuple[str, int | None]:
+    """``"progressive:4"`` -> ``("progressive", 4)``; ``"guidance"`` -> ``("guidance", None)``."""
+    from mnistdiff.config import DISTILL_METHODS
+
+    method, _, steps = spec.partition(":")
+    if method not in DISTILL_METHODS:
+        raise ConfigError(f"--distill {spec!r}: method must be one of {list(DISTILL_METHODS)}")
+    if steps and not (steps.isdigit() and int(steps) >= 1):
+        raise ConfigError(f"--distill {spec!r}: steps must be a positive integer")
+    return method, int(steps) if steps else None
+
+
+def run_student(teacher_dir: Path, spec: str, args, evaluator, floor, tmp: Path) -> dict:
+    """Distill one student from ``teacher_dir`` under the budget, sample and score it."""
+    from mnistdiff.distill import distill_checkpoint
+
+    method, steps = parse_distill_spec(spec)
+    name = f"{method}-{steps}" if steps else method
+    run_dir = (Path(args.out_dir) if args.out_dir else tmp) / f"student-{name}"
+    log(f"[{name}] distilling from {teacher_dir} for {args.distill_minutes:g} min")
+    t0 = time.perf_counter()
+    distill_checkpoint(
+        str(teacher_dir),
+        method,
+        run_dir=str(run_dir),
+        steps=steps,
+        time_budget_minutes=args.distill_minutes,
+        overrides=[*args.distill_set, *(TINY_OVERRIDES if args.tiny else ())],
+        log=log,
+    )
+    state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    row = {
+        "name": name,
+        "method": method,
+        "teacher": str(teacher_dir),
+        "distill_minutes": (time.perf_counter() - t0) / 60,
+        "distill_loop_minutes": state["train_seconds"] / 60,
+        "distill_steps": state["step"],
+    }
+    log(f"[{name}] sampling {args.num_samples} images")
+    cfg = state["config"]
+    stats, images, labels = sample_recipe(
+        run_dir, args.num_samples, args.seed, cfg["train"]["device"]
+    )
+    row |= stats
+    row |= score(images, labels, evaluator, args.seed, cfg["data"]["data_dir"])
+    save_samples(images, labels, args.out_dir, f"student-{name}")
+    return with_floor(row, floor)
+
+
+def run_teacher(run_dir: Path, args, evaluator, floor, data_dir) -> dict:
+    """Sample and score an existing run with its own settings (the teacher row)."""
+    log(f"[teacher] sampling {args.num_samples} images from {run_dir}")
+    stats, images, labels = sample_recipe(run_dir, args.num_samples, args.seed, "auto")
+    row = {"name": "teacher", "run": str(run_dir), **stats}
+    row |= score(images, labels, evaluator, args.seed, data_dir)
+    save_samples(images, labels, args.out_dir, "teacher")
+    return with_floor(row, floor)
+
+
+def over_teacher(row: dict, teacher: dict) -> dict:
+    """FD and sampling-time ratios of a student to its teacher."""
+    out = {}
+    for k in ("fd_mnist", "sampling_seconds", "passes_per_image"):
+        a, b = row.get(k), teacher.get(k)
+        out[f"{k}_over_teacher"] = a / b if a is not None and b else None
+    return {**row, **out}
 
 
 # --------------------------------------------------------------------------- the baseline
@@ -252,16 +336,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out-dir", help="keep the recipe's run dir and sample .npz/.png here")
     p.add_argument("--allow-missing-evaluator", action="store_true",
                    help="run without the evaluator asset (metrics become null)")  # fmt: skip
+    p.add_argument("--teacher", help="an existing run: score it and distill from it (no training)")
+    p.add_argument("--distill", action="append", default=[], metavar="METHOD[:STEPS]",
+                   help="a student: guidance, progressive:K or reflow:K (repeatable)")  # fmt: skip
+    p.add_argument("--distill-minutes", type=float, help="budget per student (default 10)")
+    p.add_argument("--distill-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override of every student's config (repeatable)")  # fmt: skip
     p.add_argument("--tiny", action="store_true", help="smoke-sized run of a few seconds")
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args(argv)
-    tiny = {"config": "configs/smoke.yaml", "minutes": 0.02, "num_samples": 40}
-    full = {"config": "configs/quick.yaml", "minutes": 10.0, "num_samples": 2000}
+    tiny = {
+        "config": "configs/smoke.yaml",
+        "minutes": 0.02,
+        "num_samples": 40,
+        "distill_minutes": 0.02,
+    }
+    full = {
+        "config": "configs/quick.yaml",
+        "minutes": 10.0,
+        "num_samples": 2000,
+        "distill_minutes": 10.0,
+    }
     for key, value in (tiny if args.tiny else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.minutes <= 0:
-        p.error("--minutes must be > 0")
+    if args.minutes <= 0 or args.distill_minutes <= 0:
+        p.error("--minutes and --distill-minutes must be > 0")
     if args.num_samples < 10:
         p.error(f"--num-samples must be >= 10 (metrics need a few images), got {args.num_samples}")
     return args
@@ -276,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         recipe = load_recipe(args.config, overrides)
         check_out_dir(args.out_dir, recipe.name)
+        for spec in args.distill:  # bad specs fail before any training
+            parse_distill_spec(spec)
         evaluator, ev_info = evaluator_or_none(args.allow_missing_evaluator)
         if args.baseline == "diffusers":
             import diffusers  # noqa: F401  (fail before training, not after)
@@ -298,8 +400,24 @@ def main(argv: list[str] | None = None) -> int:
         "ratios": {},
     }
     with tempfile.TemporaryDirectory(prefix="mnistdiff-quality-") as tmp:
-        row = run_recipe(cfg, recipe.name, args, evaluator, floor, Path(tmp))
-    result["recipes"][recipe.name] = row
+        if args.teacher:
+            teacher_dir = Path(args.teacher)
+            row = run_teacher(teacher_dir, args, evaluator, floor, cfg.data.data_dir)
+            name = "teacher"
+        else:
+            row = run_recipe(cfg, recipe.name, args, evaluator, floor, Path(tmp))
+            teacher_dir = Path(args.out_dir) / recipe.name if args.out_dir else None
+            name = recipe.name
+        result["recipes"][name] = row
+        if args.distill:
+            if teacher_dir is None:
+                teacher_dir = Path(tmp) / f"{recipe.name}-run"
+            result["students"] = {}
+            for spec in args.distill:
+                if args.out:  # keep what is finished if a student fails
+                    atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
+                student = run_student(teacher_dir, spec, args, evaluator, floor, Path(tmp))
+                result["students"][student["name"]] = over_teacher(student, row)
     if args.baseline:
         if args.out:  # keep the finished recipe's result if the baseline fails
             atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")

@@ -301,3 +301,18 @@ def test_architecture_ablation_modes_filter(capsys):
     with pytest.raises(SystemExit):
         architecture_ablation.main(["--only", "no-such-variant"])
     assert "matches no variant" in capsys.readouterr().err
+
+
+def test_quality_budget_distill_specs():
+    from mnistdiff.config import ConfigError
+
+    assert quality_budget.parse_distill_spec("progressive:4") == ("progressive", 4)
+    assert quality_budget.parse_distill_spec("guidance") == ("guidance", None)
+    for bad in ("magic:4", "reflow:0", "reflow:x"):
+        with pytest.raises(ConfigError, match="--distill"):
+            quality_budget.parse_distill_spec(bad)
+    row = quality_budget.over_teacher({"fd_mnist": 0.6, "sampling_seconds": 10.0}, {
+        "fd_mnist": 0.5, "sampling_seconds": 100.0, "passes_per_image": 40.0})  # fmt: skip
+    assert row["fd_mnist_over_teacher"] == pytest.approx(1.2)
+    assert row["sampling_seconds_over_teacher"] == pytest.approx(0.1)
+    assert row["passes_per_image_over_teacher"] is None

@@ -139,6 +139,23 @@ def cmd_train(args) -> int:
 CHECKPOINT_HELP = "checkpoint file, run dir or export dir (default: the shipped pretrained model)"
 
 
+def cmd_distill(args) -> int:
+    from .distill import distill_checkpoint
+
+    distill_checkpoint(
+        args.checkpoint,
+        args.method,
+        run_dir=args.run_dir,
+        steps=args.steps,
+        time_budget_minutes=args.time_budget_minutes,
+        train_steps=args.train_steps,
+        overrides=args.overrides,
+        resume=args.resume,
+        stop_after_steps=args.stop_after_steps,
+    )
+    return 0
+
+
 def checkpoint_or_pretrained(args) -> str:
     """``--checkpoint``, or the shipped pretrained model, said in one line when it is used."""
     if args.checkpoint is not None:
@@ -203,7 +220,10 @@ def cmd_sample(args) -> int:
     save_grid(images, args.out, nrow=nrow, scale=2)
     sampler = pipe.default_options(**options).sampler
     shown_note = "" if len(images) == num else f", {len(images)} shown"
-    print(f"wrote {args.out} ({num} images{shown_note}, sampler {sampler}, NFE {nfe} per image)")
+    print(
+        f"wrote {args.out} ({num} images{shown_note}, sampler {sampler}, NFE {nfe} per image, "
+        f"{result.passes_per_image:g} network passes per image)"
+    )
     if args.save_npz:
         print(f"wrote {args.save_npz}")
     if args.gif:
@@ -313,6 +333,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop this invocation after N optimizer steps, with a checkpoint",
     )
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("distill", help="distill a few-step / one-pass student from a teacher")
+    p.add_argument("--checkpoint", help="the teacher: run dir, checkpoint or export")
+    p.add_argument("--method", choices=["guidance", "progressive", "reflow"])
+    p.add_argument("--steps", type=int, help="the student's sampler steps (progressive, reflow)")
+    p.add_argument("--run-dir", required=True, help="the student's run directory")
+    p.add_argument("--time-budget-minutes", type=float, help="wall-clock budget of the run")
+    p.add_argument("--train-steps", type=int, help="optimizer steps (cap under a budget)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dotted override of the student's config, e.g. --set train.lr=2e-4",
+    )
+    p.add_argument("--resume", help="'auto' (continue --run-dir) or a checkpoint path")
+    p.add_argument("--stop-after-steps", type=int, help="stop this invocation after N steps")
+    p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("sample", help="generate images from a checkpoint, run or export")
     p.add_argument("--checkpoint", help=CHECKPOINT_HELP)

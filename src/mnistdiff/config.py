@@ -123,6 +123,9 @@ class DiTConfig:
 class ModelConfig:
     type: str = _opt("unet", choices=_registry("mnistdiff.models", "BACKBONES"))
     conditional: bool = _opt(True, help="class-conditional (with a null label for guidance)")
+    guidance_embed: bool = _opt(
+        False, help="also take the guidance scale w as an input (guidance-distilled students)"
+    )
     unet: UNetConfig = field(default_factory=UNetConfig)
     dit: DiTConfig = field(default_factory=DiTConfig)
 
@@ -305,6 +308,30 @@ class SampleConfig(SampleOptions):
     batch_size: int = _opt(500, lo=1, hi=100000, help="images per sampling batch")
 
 
+DISTILL_METHODS = ("guidance", "progressive", "reflow")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """How a student was (is being) distilled from a teacher; ``method: null`` = not a student.
+
+    The optimizer, budget, batch, EMA, logging and checkpoints come from the ``train``
+    section and the null-label rate from ``diffusion.label_dropout``: distillation is training
+    with another loss and a teacher.
+    """
+
+    method: str | None = _opt(None, choices=(None, *DISTILL_METHODS), help="null: no teacher")
+    teacher: str | None = _opt(None, help="teacher checkpoint or run directory it started from")
+    steps: int = _opt(4, lo=1, hi=10000, help="student sampler steps (progressive, reflow)")
+    guidance: float = _opt(
+        1.4, lo=0.0, hi=100.0, help="the teacher's w, baked into a student without a w input"
+    )
+    guidance_min: float = _opt(1.0, lo=0.0, hi=100.0, help="w range drawn for a w-input student")
+    guidance_max: float = _opt(3.0, lo=0.0, hi=100.0)
+    pair_sampler: str = _opt("dpmpp_2m", help="reflow: the teacher's sampler for the pairs")
+    pair_steps: int = _opt(6, lo=1, hi=10000, help="reflow: the teacher's steps for the pairs")
+
+
 @dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
@@ -312,6 +339,7 @@ class Config:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def replace(self, **sections: Any) -> Config:
         """Return a copy with whole sections replaced."""
@@ -428,6 +456,11 @@ def _check_consistency(cfg: Any) -> None:
             )
     if isinstance(cfg, _SampleOptionsBase):
         _check_sample_options(cfg)
+    if isinstance(cfg, DistillConfig) and cfg.guidance_min > cfg.guidance_max:
+        raise ConfigError(
+            f"distill.guidance_min {cfg.guidance_min} must be <= distill.guidance_max "
+            f"{cfg.guidance_max}"
+        )
     if isinstance(cfg, TrainConfig) and cfg.batch_size % cfg.grad_accum:
         raise ConfigError(
             f"train.batch_size {cfg.batch_size} must be divisible by train.grad_accum "

@@ -97,7 +97,7 @@ def evaluate_pipeline(
         labels = label_tensor(per_class=per, num_classes=pipe.spec.num_classes)[:num_samples]
     barrier(ctx)  # time all ranks from a common start
     t0 = time.perf_counter()
-    images, nfe = sample_across_ranks(
+    images, nfe, passes = sample_across_ranks(
         pipe,
         labels,
         num_samples,
@@ -123,6 +123,8 @@ def evaluate_pipeline(
     result.update(opts.record())
     result.update(
         nfe=nfe,
+        passes_per_image=passes,
+        guidance_distilled=pipe.denoiser.accepts_guidance,
         guidance=opts.guidance if pipe.conditional else None,
         seed=seed,
         batch_size=batch_size,
@@ -304,6 +306,7 @@ TABLE_KEYS = (
     "sampler",
     "steps",
     "nfe",
+    "passes_per_image",
     "guidance",
     "num_samples",
     "fd_mnist",

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 ConditionalModel = Callable[[Tensor, Tensor, Tensor], Tensor]
+GuidanceInputModel = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 Denoise = Callable[[Tensor, Tensor], Tensor]
 Classifier = Callable[[Tensor, Tensor], Tensor]  # (x_t [B,C,H,W], t [B]) -> logits [B, K]
 
@@ -214,6 +215,33 @@ def classifier_guided(
         return x0 + (coef.view(-1, *([1] * (x.ndim - 1))) * grad).to(x0.dtype)
 
     return guided
+
+
+def guidance_input(model: GuidanceInputModel, labels: Tensor, scale: float) -> Denoise:
+    """Guidance of a guidance-distilled model: ONE pass with the scale ``w`` as an input.
+
+    The model (Meng et al. 2023, "On distillation of guided diffusion models") was trained so
+    that ``model(x, t, labels, w)`` matches its teacher's ``u + w * (c - u)``; sampling it at
+    ``w`` costs one network pass per step instead of two.
+
+    Args:
+        model: ``model(x, t, labels, w) -> x0_hat`` with ``w`` a float ``[B]``.
+        labels: int64 [B] class labels.
+        scale: guidance weight w (finite).
+
+    Returns:
+        ``denoise(x, t) -> x0_hat``.
+    """
+    _check_labels(labels)
+    if not math.isfinite(scale):
+        raise ValueError(f"guidance scale must be finite, got {scale!r}")
+
+    def denoise(x: Tensor, t: Tensor) -> Tensor:
+        _check_batch(x, labels)
+        w = torch.full((x.shape[0],), float(scale), dtype=x.dtype, device=x.device)
+        return model(x, t, labels.to(x.device), w)
+
+    return denoise
 
 
 def thresholded(denoise: Denoise, mode: str, *, percentile: float = 0.995) -> Denoise:

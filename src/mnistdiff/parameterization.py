@@ -86,6 +86,19 @@ def eps_from_x0(x0: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor
     return (x_t - alpha * x0) / sigma
 
 
+def target_from_x0(
+    prediction: str, x0_hat: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor
+) -> Tensor:
+    """The ``prediction`` whose clean-image estimate at ``(x_t, alpha, sigma)`` is ``x0_hat``.
+
+    Inverse of :func:`x0_from_prediction` (needs ``sigma > 0``): distillation turns a teacher's
+    x0_hat into a regression target in the student's own prediction space.
+    """
+    return prediction_target(
+        prediction, x0_hat, eps_from_x0(x0_hat, x_t, alpha, sigma), alpha, sigma
+    )
+
+
 def x0_error_scale(prediction: str, alpha: Tensor, sigma: Tensor) -> Tensor:
     """``c`` with ``x0_hat - x0 = c * (pred - target)``: ``c_out`` of :func:`coefficients`."""
     return coefficients(prediction, alpha, sigma)[1]
@@ -150,12 +163,27 @@ class Denoiser(nn.Module):
         shape = (-1,) + (1,) * (like.dim() - 1)
         return alpha.float().view(shape), sigma.float().view(shape)
 
-    def predict(self, x_t: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
-        """Raw backbone output (in whatever precision autocast chose)."""
-        return self.backbone(x_t, t.to(x_t.dtype), labels)
+    @property
+    def accepts_guidance(self) -> bool:
+        """True when the backbone takes the guidance scale as an input (guidance-distilled)."""
+        return bool(getattr(self.backbone, "accepts_guidance", False))
 
-    def forward(self, x_t: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
+    def predict(
+        self, x_t: Tensor, t: Tensor, labels: Tensor | None = None, guidance: Tensor | None = None
+    ) -> Tensor:
+        """Raw backbone output (in whatever precision autocast chose).
+
+        ``guidance`` (``[B]`` scale w, only for backbones with ``accepts_guidance``) is passed
+        through as one more conditioning input.
+        """
+        if guidance is None:
+            return self.backbone(x_t, t.to(x_t.dtype), labels)
+        return self.backbone(x_t, t.to(x_t.dtype), labels, guidance.to(x_t.dtype))
+
+    def forward(
+        self, x_t: Tensor, t: Tensor, labels: Tensor | None = None, guidance: Tensor | None = None
+    ) -> Tensor:
         """Clean-image estimate ``x0_hat`` (float32)."""
         alpha, sigma = self.coefficients(t, x_t)
-        pred = self.predict(x_t, t, labels).float()
+        pred = self.predict(x_t, t, labels, guidance).float()
         return x0_from_prediction(self.prediction, pred, x_t.float(), alpha, sigma)

@@ -136,6 +136,7 @@ class StreamResult:
     first: Tensor  # uint8 [rows of batch 0, H, W]
     nfe: int
     seconds: float
+    passes_per_image: float = 0.0  # network passes (CFG: two per denoise call)
 
 
 def grid_rows(labels: Tensor | None, num: int, nrow: int) -> tuple[Tensor, int]:
@@ -203,7 +204,7 @@ def sample_to_file(
         check_npz_fits(npz, num, shape)
     file_labels = labels if labels is not None else torch.full((num,), -1, dtype=torch.long)
     stream = NpzStream(npz, file_labels, shape) if npz is not None and ctx.is_main else None
-    kept, first_batch, nfe, t0 = [], None, 0, time.perf_counter()
+    kept, first_batch, nfe, passes, t0 = [], None, 0, 0.0, time.perf_counter()
     bar = tqdm(total=num, desc="sampling", disable=not (progress and ctx.is_main), leave=False)
     with _sigterm_as_interrupt(), stream or contextlib.nullcontext():
         for head in range(0, total, ctx.world_size):  # head: first batch of this round
@@ -219,6 +220,7 @@ def sample_to_file(
                 **options,
             )
             nfe = out.nfe or nfe
+            passes = out.passes_per_image or passes
             images = gather_rows(pipe.to_uint8(out.x), counts, ctx)
             if images is None:
                 continue
@@ -236,7 +238,9 @@ def sample_to_file(
     empty = torch.empty((0, *shape), dtype=torch.uint8)
     preview = torch.cat(kept) if kept else empty
     first_batch = empty if first_batch is None else first_batch
-    return StreamResult(preview, first_batch, nfe, seconds=time.perf_counter() - t0)
+    return StreamResult(
+        preview, first_batch, nfe, seconds=time.perf_counter() - t0, passes_per_image=passes
+    )
 
 
 @contextlib.contextmanager

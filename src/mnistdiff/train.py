@@ -127,12 +127,16 @@ class Batch:
             None for an unconditional model.
         t: training times ``[B]`` in [0, 1].
         noise: standard normal noise ``[B, C, S, S]``.
+        generator: the step's generator after those draws, for a task that needs more
+            randomness (distillation: guidance scales, grid indices); micro-batches share it
+            and draw in turn, so such a task's draws depend on ``train.grad_accum``.
     """
 
     x0: Tensor
     labels: Tensor | None
     t: Tensor
     noise: Tensor
+    generator: torch.Generator | None = None
 
     def split(self, size: int) -> list[Batch]:
         """Consecutive micro-batches of ``size`` examples."""
@@ -142,6 +146,7 @@ class Batch:
                 None if self.labels is None else self.labels[i : i + size],
                 self.t[i : i + size],
                 self.noise[i : i + size],
+                self.generator,
             )
             for i in range(0, len(self.x0), size)
         ]
@@ -240,7 +245,7 @@ def next_batch(state: TrainState, images: Tensor, labels: Tensor) -> Batch:
         u = torch.rand(n, generator=gen, device=state.device)
         t, noise, u = (distributed.shard(v, ctx) for v in (t, noise, u))
         y = _drop_labels(labels[idx], u, cfg, state.model.null_label)
-        return Batch(images[idx], y, t, noise)
+        return Batch(images[idx], y, t, noise, gen)
 
 
 def train_step(state: TrainState, batch: Batch) -> StepStats:
@@ -640,7 +645,7 @@ def _validate(state: TrainState, run: _Run) -> None:
         t = _training_times(cfg, model.schedule, len(x0), gen, device)
         noise = torch.randn(x0.shape, generator=gen, device=device)
         with state.precision.autocast(device):
-            losses = state.task.loss(model, Batch(x0, y, t, noise))
+            losses = state.task.loss(model, Batch(x0, y, t, noise, gen))
         total += losses.sum().item()
         count += len(x0)
     state.model.train()

@@ -100,10 +100,16 @@ class DiT(nn.Module):
         in_channels: image channels.
         image_size: image height = width (divisible by ``cfg.patch_size``).
         num_classes: real classes for conditioning, or None for an unconditional model.
+        guidance_embed: also take a guidance scalar per example (see ``ConditionEmbedding``).
     """
 
     def __init__(
-        self, cfg: DiTConfig, in_channels: int, image_size: int, num_classes: int | None
+        self,
+        cfg: DiTConfig,
+        in_channels: int,
+        image_size: int,
+        num_classes: int | None,
+        guidance_embed: bool = False,
     ) -> None:
         super().__init__()
         size = resolve_dit_size(cfg)
@@ -117,7 +123,7 @@ class DiT(nn.Module):
         else:
             pe = sincos_pos_embed_2d(width, self.grid)[None]  # [1, T, D]
             self.register_buffer("pos_embed", pe, persistent=False)
-        self.cond = ConditionEmbedding(width, num_classes)
+        self.cond = ConditionEmbedding(width, num_classes, guidance_embed=guidance_embed)
         self.blocks = nn.ModuleList(
             DiTBlock(width, size.heads, cfg.mlp_ratio, cfg.dropout) for _ in range(size.depth)
         )
@@ -137,6 +143,9 @@ class DiT(nn.Module):
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
         for layer in (self.cond.time_mlp[0], self.cond.time_mlp[2]):
             nn.init.normal_(layer.weight, std=0.02)
+        if self.cond.guidance_mlp is not None:
+            nn.init.normal_(self.cond.guidance_mlp[0].weight, std=0.02)
+            self.cond.zero_guidance_output()
         if self.cond.label_emb is not None:
             nn.init.normal_(self.cond.label_emb.weight, std=0.02)
         for lin in [b.ada for b in self.blocks] + [self.final.ada, self.final.linear]:
@@ -149,13 +158,23 @@ class DiT(nn.Module):
         x = tokens.reshape(b, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4)  # [B, C, g, p, g, p]
         return x.reshape(b, c, g * p, g * p)
 
+    @property
+    def accepts_guidance(self) -> bool:
+        """True when built with a guidance-scale embedding."""
+        return self.cond.guidance_mlp is not None
+
     def forward(
-        self, x: torch.Tensor, noise_cond: torch.Tensor, labels: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        noise_cond: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        guidance: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Args: x ``[B, C, H, W]``; noise_cond ``[B]`` in [0, 1]; labels ``[B]`` int64 in
-        ``[0, num_classes]`` (``num_classes`` = null) or None. Returns ``[B, C, H, W]``."""
-        check_inputs(x, noise_cond, self.in_channels, self.image_size)
-        c = F.silu(self.cond(noise_cond, labels))  # [B, D]
+        ``[0, num_classes]`` (``num_classes`` = null) or None; guidance ``[B]`` float or None
+        (only for models with a guidance embedding). Returns ``[B, C, H, W]``."""
+        check_inputs(x, noise_cond, self.in_channels, self.image_size, guidance)
+        c = F.silu(self.cond(noise_cond, labels, guidance))  # [B, D]
         h = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed  # [B, T, D]
         for block in self.blocks:
             h = block(h, c)
@@ -201,4 +220,4 @@ def build_dit(cfg: ModelConfig, spec: SpecLike) -> DiT:
     """Build a :class:`DiT` for ``spec`` (channels, size, num_classes) from ``cfg.dit``."""
     validate_dit(cfg.dit, spec)
     num_classes = spec.num_classes if cfg.conditional else None
-    return DiT(cfg.dit, spec.channels, spec.size, num_classes)
+    return DiT(cfg.dit, spec.channels, spec.size, num_classes, cfg.guidance_embed)

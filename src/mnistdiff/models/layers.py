@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 TIME_SCALE = 1000.0  # noise_cond in [0, 1] is embedded as 1000 * noise_cond
+GUIDANCE_SCALE = 100.0  # a guidance scalar w (typically 0..10) is embedded as 100 * w
+DEFAULT_GUIDANCE = 1.0  # the guidance scalar a guidance-embedding model assumes when none is given
 
 
 class SpecLike(Protocol):
@@ -43,33 +45,70 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0)
 
 
 class ConditionEmbedding(nn.Module):
-    """Time embedding (sinusoidal + MLP) plus an optional class embedding with a null label.
+    """Time embedding (sinusoidal + MLP) plus optional class and guidance-scale embeddings.
 
     The class table has ``num_classes + 1`` rows; row ``num_classes`` is the null label used for
     classifier-free guidance and whenever ``labels`` is None. Unconditional models have no table
     and ignore labels.
 
+    With ``guidance_embed`` a second conditioning scalar ``w`` per example (for a
+    guidance-distilled student, Meng et al. 2023: the guidance scale) is embedded like the time
+    (sinusoidal features of ``GUIDANCE_SCALE * w`` + MLP) and added. The MLP's last layer starts
+    at zero, so a model built with the embedding computes exactly what the same weights without
+    it compute, for every ``w``. ``w`` defaults to ``DEFAULT_GUIDANCE`` when not given.
+
     Args:
         dim: output embedding size.
         num_classes: number of real classes, or None for an unconditional model.
-        freq_dim: size of the sinusoidal features fed to the MLP.
+        freq_dim: size of the sinusoidal features fed to the MLPs.
+        guidance_embed: add the embedding of a guidance scalar.
     """
 
-    def __init__(self, dim: int, num_classes: int | None, freq_dim: int = 256) -> None:
+    def __init__(
+        self, dim: int, num_classes: int | None, freq_dim: int = 256, guidance_embed: bool = False
+    ) -> None:
         super().__init__()
         self.freq_dim = freq_dim
         self.time_mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.num_classes = num_classes
         self.label_emb = nn.Embedding(num_classes + 1, dim) if num_classes is not None else None
+        self.guidance_mlp = None
+        if guidance_embed:
+            self.guidance_mlp = nn.Sequential(
+                nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim)
+            )
+            self.zero_guidance_output()
+
+    def zero_guidance_output(self) -> None:
+        """Zero the guidance MLP's last layer (the model then ignores ``w``)."""
+        if self.guidance_mlp is not None:
+            nn.init.zeros_(self.guidance_mlp[2].weight)
+            nn.init.zeros_(self.guidance_mlp[2].bias)
 
     @property
     def null_label(self) -> int | None:
         """Index of the null (unconditional) label, or None for unconditional models."""
         return self.num_classes
 
-    def forward(self, noise_cond: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        """``[B]`` noise_cond (and ``[B]`` int64 labels or None) -> ``[B, dim]``."""
+    def forward(
+        self,
+        noise_cond: torch.Tensor,
+        labels: torch.Tensor | None,
+        guidance: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``[B]`` noise_cond (``[B]`` int64 labels or None, ``[B]`` guidance or None) ->
+        ``[B, dim]``."""
         emb = self.time_mlp(sinusoidal_embedding(TIME_SCALE * noise_cond, self.freq_dim))
+        if self.guidance_mlp is not None:
+            if guidance is None:
+                guidance = torch.full_like(noise_cond, DEFAULT_GUIDANCE)
+            feats = sinusoidal_embedding(GUIDANCE_SCALE * guidance, self.freq_dim)
+            emb = emb + self.guidance_mlp(feats)
+        elif guidance is not None:
+            raise ValueError(
+                "this model has no guidance-scale input (built without model.guidance_embed); "
+                "sample it with classifier-free guidance instead"
+            )
         if self.label_emb is None:
             return emb
         if labels is None:
@@ -77,8 +116,15 @@ class ConditionEmbedding(nn.Module):
         return emb + self.label_emb(labels)
 
 
-def check_inputs(x: torch.Tensor, noise_cond: torch.Tensor, channels: int, size: int) -> None:
-    """Raise ValueError when ``x``/``noise_cond`` do not match the shape the model was built for."""
+def check_inputs(
+    x: torch.Tensor,
+    noise_cond: torch.Tensor,
+    channels: int,
+    size: int,
+    guidance: torch.Tensor | None = None,
+) -> None:
+    """Raise ValueError when ``x``/``noise_cond``/``guidance`` do not match the shape the model
+    was built for."""
     if x.ndim != 4 or x.shape[1] != channels or x.shape[2] != size or x.shape[3] != size:
         raise ValueError(
             f"expected x of shape [B, {channels}, {size}, {size}], got {list(x.shape)}"
@@ -87,6 +133,8 @@ def check_inputs(x: torch.Tensor, noise_cond: torch.Tensor, channels: int, size:
         raise ValueError(
             f"expected noise_cond of shape [{x.shape[0]}], got {list(noise_cond.shape)}"
         )
+    if guidance is not None and guidance.shape != (x.shape[0],):
+        raise ValueError(f"expected guidance of shape [{x.shape[0]}], got {list(guidance.shape)}")
 
 
 def norm_groups(channels: int, max_groups: int = 32, min_group_size: int = 4) -> int:

@@ -110,16 +110,22 @@ class UNet(nn.Module):
         in_channels: image channels.
         image_size: image height = width (divisible by ``2 ** (len(channel_mults) - 1)``).
         num_classes: real classes for conditioning, or None for an unconditional model.
+        guidance_embed: also take a guidance scalar per example (see ``ConditionEmbedding``).
     """
 
     def __init__(
-        self, cfg: UNetConfig, in_channels: int, image_size: int, num_classes: int | None
+        self,
+        cfg: UNetConfig,
+        in_channels: int,
+        image_size: int,
+        num_classes: int | None,
+        guidance_embed: bool = False,
     ) -> None:
         super().__init__()
         self.in_channels = in_channels
         self.image_size = image_size
         ch, emb_dim, levels = cfg.channels, 4 * cfg.channels, len(cfg.channel_mults)
-        self.cond = ConditionEmbedding(emb_dim, num_classes)
+        self.cond = ConditionEmbedding(emb_dim, num_classes, guidance_embed=guidance_embed)
         p = self.patch_size = cfg.patch_size  # space-to-depth: levels run at size / p
         self.stem = nn.Sequential(
             nn.PixelUnshuffle(p), nn.Conv2d(in_channels * p * p, ch, 3, padding=1)
@@ -158,13 +164,23 @@ class UNet(nn.Module):
             _zero_(nn.Conv2d(cur, in_channels * p * p, 3, padding=1)), nn.PixelShuffle(p)
         )
 
+    @property
+    def accepts_guidance(self) -> bool:
+        """True when built with a guidance-scale embedding."""
+        return self.cond.guidance_mlp is not None
+
     def forward(
-        self, x: torch.Tensor, noise_cond: torch.Tensor, labels: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        noise_cond: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        guidance: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Args: x ``[B, C, H, W]``; noise_cond ``[B]`` in [0, 1]; labels ``[B]`` int64 in
-        ``[0, num_classes]`` (``num_classes`` = null) or None. Returns ``[B, C, H, W]``."""
-        check_inputs(x, noise_cond, self.in_channels, self.image_size)
-        emb = F.silu(self.cond(noise_cond, labels))
+        ``[0, num_classes]`` (``num_classes`` = null) or None; guidance ``[B]`` float or None
+        (only for models with a guidance embedding). Returns ``[B, C, H, W]``."""
+        check_inputs(x, noise_cond, self.in_channels, self.image_size, guidance)
+        emb = F.silu(self.cond(noise_cond, labels, guidance))
         h = self.stem(x)
         skips = [h]
         for layer in self.down:
@@ -220,4 +236,4 @@ def build_unet(cfg: ModelConfig, spec: SpecLike) -> UNet:
     """Build a :class:`UNet` for ``spec`` (channels, size, num_classes) from ``cfg.unet``."""
     validate_unet(cfg.unet, spec)
     num_classes = spec.num_classes if cfg.conditional else None
-    return UNet(cfg.unet, spec.channels, spec.size, num_classes)
+    return UNet(cfg.unet, spec.channels, spec.size, num_classes, cfg.guidance_embed)
