@@ -53,3 +53,20 @@ def test_sample_cli_uses_the_pretrained_model_and_says_so(tmp_path, capsys):
     assert main(["sample", "--digits", "3", "--num", "2", "--steps", "4", "--out", str(out)]) == 0
     assert "using the pretrained model shipped with mnistdiff" in capsys.readouterr().out
     assert out.is_file()
+
+
+def test_compose_cli_uses_the_pretrained_model_and_says_so(tmp_path, capsys):
+    out = tmp_path / "n.png"
+    assert main(["compose", "12", "--steps", "4", "--out", str(out)]) == 0
+    assert "using the pretrained model shipped with mnistdiff" in capsys.readouterr().out
+    assert out.is_file()
+
+
+def test_damaged_asset_is_a_message_not_a_traceback(tmp_path, monkeypatch, capsys):
+    import mnistdiff.pretrained as pretrained
+
+    monkeypatch.setattr(pretrained, "PRETRAINED_DIR", tmp_path)
+    monkeypatch.setattr(pretrained.verified_dir, "__defaults__", (tmp_path,))
+    monkeypatch.setattr(pretrained.describe, "__defaults__", (tmp_path,))
+    assert main(["sample", "--digits", "3", "--num", "1", "--out", str(tmp_path / "g.png")]) == 1
+    assert "pretrained model metadata not found" in capsys.readouterr().err

@@ -41,7 +41,15 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "Config": ("mnistdiff.config", "Config"),
     "ConfigError": ("mnistdiff.config", "ConfigError"),
     "load_config": ("mnistdiff.config", "load_config"),
-    # editing (mnistdiff.edit): its public functions are listed here when they land
+    # editing (mnistdiff.edit)
+    "invert": ("mnistdiff.edit", "invert"),
+    "reconstruct": ("mnistdiff.edit", "reconstruct"),
+    "restyle": ("mnistdiff.edit", "restyle"),
+    "sdedit": ("mnistdiff.edit", "sdedit"),
+    "inpaint": ("mnistdiff.edit", "inpaint"),
+    "interpolate": ("mnistdiff.edit", "interpolate"),
+    "compose": ("mnistdiff.edit", "compose"),
+    "load_inputs": ("mnistdiff.edit", "load_inputs"),
 }
 
 __all__ = [  # the keys of _EXPORTS (a test checks), written out for tools
@@ -50,15 +58,33 @@ __all__ = [  # the keys of _EXPORTS (a test checks), written out for tools
     "Pipeline",
     "SampleOptions",
     "__version__",
+    "compose",
     "evaluate",
+    "inpaint",
+    "interpolate",
+    "invert",
     "load",
     "load_config",
+    "load_inputs",
+    "reconstruct",
+    "restyle",
     "save_grid",
+    "sdedit",
     "train",
 ]
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load lazily
     from .config import Config, ConfigError, SampleOptions, load_config
+    from .edit import (
+        compose,
+        inpaint,
+        interpolate,
+        invert,
+        load_inputs,
+        reconstruct,
+        restyle,
+        sdedit,
+    )
     from .evaluate import evaluate
     from .images import save_grid
     from .sample import Pipeline, load

@@ -518,6 +518,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .device import DeviceError
     from .evaluator import EvaluatorError
     from .idx import DataError
+    from .pretrained import PretrainedError
     from .train import TrainingError
 
     return (
@@ -528,6 +529,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         TrainingError,
         EvaluatorError,
         DemoUnavailable,
+        PretrainedError,
         FileNotFoundError,
         ValueError,
     )

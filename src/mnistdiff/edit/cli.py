@@ -76,7 +76,10 @@ def _common(p: argparse.ArgumentParser, out: str) -> None:
     """Model, outputs, and the sampling flags of ``mnistdiff sample`` (one generated set)."""
     from ..cli import add_sampling_args
 
-    p.add_argument("--checkpoint", required=True, help="checkpoint file, run dir or export dir")
+    p.add_argument(
+        "--checkpoint",
+        help="checkpoint file, run dir or export dir (default: the shipped pretrained model)",
+    )
     p.add_argument("--out", default=out, help="PNG path")
     p.add_argument("--save-npz", help="also write the result images and labels as .npz")
     add_sampling_args(p)  # --sampler, --steps, --guidance, --eta, --s-churn, ..., --seed
@@ -93,9 +96,11 @@ def _inputs(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 
 def _load(args):
+    from ..cli import checkpoint_or_pretrained
     from ..sample import Pipeline
 
-    return Pipeline.load(args.checkpoint, device=args.device or "auto", use_ema=not args.no_ema)
+    checkpoint = checkpoint_or_pretrained(args)
+    return Pipeline.load(checkpoint, device=args.device or "auto", use_ema=not args.no_ema)
 
 
 def _read_inputs(args):
