@@ -374,7 +374,7 @@ def cleanup(
     what = "unconditional" if y is None else f"as a {y}"
     message = (
         f"SDEdit {what}: noised to t = {t0:g}, denoised in {out.info['steps_run']} steps of "
-        f"{out.info['sampler']} (NFE {out.nfe}); your sketch was {_seen(inverted)}"
+        f"{out.info['options']['sampler']} (NFE {out.nfe}); your sketch was {_seen(inverted)}"
     )
     return Edited(_view(image), _view(out.images[0]), out.images, None, message)
 
