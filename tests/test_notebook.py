@@ -14,7 +14,8 @@ import pytest
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "diffusion_on_mnist.ipynb"
 MAX_BYTES = 3 * 1024 * 1024
-SECTIONS = ("## 1.", "## 2.", "## 3.", "## 4.", "## 5.")
+SECTIONS = ("## 1.", "## 2.", "## 3.", "## 4.", "## 5.", "## 6.", "## 7.")
+LINKS = ("../docs/theory.md#", "../src/mnistdiff/schedules.py", "../src/mnistdiff/samplers.py")
 
 
 def _stored() -> dict:
@@ -60,7 +61,7 @@ def test_notebook_sections_link_code_and_theory():
     text = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown")
     for heading in SECTIONS:
         assert heading in text, f"missing section {heading}"
-    for link in ("../docs/theory.md#", "../src/mnistdiff/schedules.py", "../src/mnistdiff/samplers.py"):
+    for link in LINKS:
         assert link in text
     root = NOTEBOOK.parent
     for target in {part.split(")")[0].split("#")[0] for part in text.split("](../")[1:]}:
