@@ -356,8 +356,9 @@ def test_batches_generated_apart_equal_one_call(pipe):
     assert torch.equal(torch.cat([p.x for p in parts]), whole.x)
     assert torch.equal(torch.cat([p.labels for p in parts]), whole.labels)
     assert pipe.generate(labels, batches=range(4, 4), **kw).x.shape[0] == 0
-    images, nfe = sample_across_ranks(pipe, labels, 20, DistContext(), **kw)
+    images, nfe, passes = sample_across_ranks(pipe, labels, 20, DistContext(), **kw)
     assert torch.equal(images, pipe.to_uint8(whole.x)) and nfe == whole.nfe
+    assert passes == whole.passes_per_image
     with pytest.raises(ValueError, match=r"within range\(4\)"):
         pipe.generate(labels, batches=range(2, 5), **kw)
 
