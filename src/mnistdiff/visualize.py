@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -252,6 +252,43 @@ class Trajectory:
     options: dict[str, Any]
 
 
+class TrajectoryRecorder:
+    """A samplers' ``callback(i, x, x0_hat)`` keeping image 0's ``x_t`` and ``x0_hat`` per step.
+
+    Args:
+        pipe: the model being sampled (for the uint8 conversion and its schedule).
+        on_step: optional ``on_step(i)`` after each step (e.g. a progress bar).
+    """
+
+    def __init__(self, pipe: Pipeline, on_step: Callable[[int], None] | None = None):
+        self.pipe, self.on_step = pipe, on_step
+        self.x_t: list[Tensor] = []
+        self.x0_hat: list[Tensor] = []
+
+    def __call__(self, i: int, x: Tensor, x0: Tensor) -> None:
+        self.x_t.append(self.pipe.to_uint8(x[:1].float().cpu()))
+        self.x0_hat.append(self.pipe.to_uint8(x0[:1].float().cpu()))
+        if self.on_step is not None:
+            self.on_step(i)
+
+    def trajectory(self, opts: Any, label: int | None, nfe: int) -> Trajectory:
+        """The recorded steps of a run with options ``opts`` as a :class:`Trajectory`."""
+        from .samplers import get_sampler
+
+        kind = opts.grid or get_sampler(opts.sampler).default_grid
+        ts = time_grid(self.pipe.denoiser.schedule, kind, opts.steps).tolist()
+        k = len(self.x_t)
+        return Trajectory(
+            x_t=torch.cat(self.x_t),
+            x0_hat=torch.cat(self.x0_hat),
+            t_from=ts[:k],
+            t_to=ts[1 : k + 1],
+            label=label,
+            nfe=nfe,
+            options=opts.record(),
+        )
+
+
 def trajectory(
     pipe: Pipeline, digit: int | None = 7, *, seed: int = 0, **options: Any
 ) -> Trajectory:
@@ -264,30 +301,12 @@ def trajectory(
         seed: sampling seed.
         **options: sampling options (``sampler``, ``steps``, ``nfe``, ``guidance``, ...).
     """
-    from .samplers import get_sampler
-
     opts = pipe.default_options(**options)
     label = digit if pipe.conditional else None
+    recorder = TrajectoryRecorder(pipe)
     labels = None if label is None else [label]
-    xs: list[Tensor] = []
-    x0s: list[Tensor] = []
-
-    def record(i: int, x: Tensor, x0: Tensor) -> None:
-        xs.append(pipe.to_uint8(x[:1].float().cpu()))
-        x0s.append(pipe.to_uint8(x0[:1].float().cpu()))
-
-    out = pipe.generate(labels, num=1, seed=seed, callback=record, **opts.record())
-    grid = opts.grid or get_sampler(opts.sampler).default_grid
-    ts = time_grid(pipe.denoiser.schedule, grid, opts.steps).tolist()
-    return Trajectory(
-        x_t=torch.cat(xs),
-        x0_hat=torch.cat(x0s),
-        t_from=ts[: len(xs)],
-        t_to=ts[1 : len(xs) + 1],
-        label=label,
-        nfe=out.nfe,
-        options=opts.record(),
-    )
+    out = pipe.generate(labels, num=1, seed=seed, callback=recorder, **opts.record())
+    return recorder.trajectory(opts, label, out.nfe)
 
 
 def _pick_columns(steps: int, max_columns: int) -> list[int]:

@@ -19,12 +19,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..samplers import get_sampler, nfe_for
-from ..schedules import SCHEDULE_NAMES, time_grid
+from ..samplers import nfe_for
+from ..schedules import SCHEDULE_NAMES
 from ..transforms import to_model_range
 from ..visualize import (
     DEFAULT_TIMES,
-    Trajectory,
+    TrajectoryRecorder,
     forward_figure,
     load_digit,
     save_trajectory_gif,
@@ -149,7 +149,9 @@ def generate(
     labels = torch.tensor(chosen).repeat_interleave(count)
     overrides = {"sampler": name, "steps": steps, "guidance": w}
     opts = pipe.default_options(**overrides)
-    recorder = _TrajectoryRecorder(pipe, steps, progress)
+    recorder = TrajectoryRecorder(
+        pipe, lambda i: progress((i + 1) / steps, f"step {i + 1}/{steps}")
+    )
     start = time.perf_counter()
     out = pipe.generate(
         labels if pipe.conditional else None,
@@ -173,35 +175,6 @@ def generate(
     if note:
         message += f". Note: {note}"
     return Generated(pictures.grid(images, nrow), images, out.labels, nrow, strip, gif, message)
-
-
-class _TrajectoryRecorder:
-    """The samplers' per-step callback: keeps image 0's x_t and x̂₀ and moves the progress bar."""
-
-    def __init__(self, pipe: Pipeline, steps: int, progress: Progress):
-        self.pipe, self.steps, self.progress = pipe, steps, progress
-        self.x_t: list[Tensor] = []
-        self.x0_hat: list[Tensor] = []
-
-    def __call__(self, i: int, x: Tensor, x0: Tensor) -> None:
-        self.x_t.append(self.pipe.to_uint8(x[:1].float().cpu()))
-        self.x0_hat.append(self.pipe.to_uint8(x0[:1].float().cpu()))
-        self.progress((i + 1) / self.steps, f"step {i + 1}/{self.steps}")
-
-    def trajectory(self, opts, label: int | None, nfe: int) -> Trajectory:
-        """The recorded steps as a :class:`mnistdiff.visualize.Trajectory`."""
-        kind = opts.grid or get_sampler(opts.sampler).default_grid
-        ts = time_grid(self.pipe.denoiser.schedule, kind, opts.steps).tolist()
-        k = len(self.x_t)
-        return Trajectory(
-            x_t=torch.cat(self.x_t),
-            x0_hat=torch.cat(self.x0_hat),
-            t_from=ts[:k],
-            t_to=ts[1 : k + 1],
-            label=label,
-            nfe=nfe,
-            options=opts.record(),
-        )
 
 
 # --------------------------------------------------------------------------- Explain
