@@ -45,8 +45,9 @@ def row_of(result: dict[str, Any], **extra) -> dict[str, Any]:
     return {**{k: result.get(k) for k in KEEP}, **extra}
 
 
-def tiny_models(tmp: Path) -> tuple[Path, Path]:
-    """Untrained smoke-sized unconditional and conditional exports (plumbing only)."""
+def tiny_models(tmp: Path, overrides: list[str]) -> tuple[Path, Path]:
+    """Untrained smoke-sized unconditional and conditional exports (plumbing only), with the
+    given config overrides (e.g. the data they are scored against)."""
     from mnistdiff.build import build_denoiser
     from mnistdiff.checkpoint import write_export
     from mnistdiff.config import load_config, to_dict
@@ -56,7 +57,9 @@ def tiny_models(tmp: Path) -> tuple[Path, Path]:
     spec = DataSpec(channels=1, size=28, num_classes=10)
     out = []
     for name, conditional in (("uncond", "false"), ("cond", "true")):
-        cfg = load_config(root / "configs" / "smoke.yaml", [f"model.conditional={conditional}"])
+        cfg = load_config(
+            root / "configs" / "smoke.yaml", [f"model.conditional={conditional}", *overrides]
+        )
         torch.manual_seed(0)
         weights = build_denoiser(cfg, spec).backbone.state_dict()
         out.append(write_export(tmp / name, to_dict(cfg), spec.to_dict(), weights))
@@ -131,6 +134,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-samples", type=int, help="N images per row (default 1000)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true", help="untrained smoke models, seconds per row")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="--tiny: config override of the smoke models, e.g. data.dataset=synthetic",
+    )
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args(argv)
     tiny = {"classifier_scales": [1.0, 4.0], "cfg_scale": 2.0, "sampler": "ddim", "steps": 3,
@@ -160,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="mnistdiff-cg-") as tmp:
         uncond_path, cond_path = (args.uncond, args.cond)
         if args.tiny:
-            uncond_path, cond_path = tiny_models(Path(tmp))
+            uncond_path, cond_path = tiny_models(Path(tmp), args.set)
         clf = Path(args.classifier) if args.classifier else Path(tmp) / "classifier.safetensors"
         clf_info = None
         if not args.classifier:

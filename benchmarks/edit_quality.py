@@ -217,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     device = select_device(args.device)
     pipe = Pipeline.load(args.checkpoint, device=str(device))
     evaluator = load_evaluator(device=str(device))
-    arrays = load_dataset("mnist", args.data_dir)
+    data = pipe.cfg.data  # the model's own dataset and its test split
+    arrays = load_dataset(data.dataset, args.data_dir or data.data_dir)
     g = torch.Generator().manual_seed(args.seed)
     idx = torch.randperm(len(arrays.test_labels), generator=g)[: args.n]
     images, labels = arrays.test_images[idx].clone(), arrays.test_labels[idx].clone()

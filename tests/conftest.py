@@ -42,6 +42,29 @@ def synthetic_data(tmp_path_factory) -> str:
 SYNTHETIC = ("data.dataset=synthetic",)
 
 
+def smoke_yaml_on(digits: tuple[str, str], dest: Path) -> Path:
+    """Write ``configs/smoke.yaml`` to ``dest`` with its data section on ``digits``."""
+    import yaml
+
+    cfg = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text())
+    cfg["data"].update(dataset=digits[0], data_dir=digits[1])
+    dest.write_text(yaml.safe_dump(cfg))
+    return dest
+
+
+def digits_source(synthetic_data: str) -> tuple[str, str]:
+    """``(dataset, folder)`` for tests that read digits: real MNIST when present, else the
+    synthetic digits, so these tests run everywhere instead of skipping."""
+    path = mnist_dir()
+    return ("synthetic", synthetic_data) if path is None else ("mnist", path)
+
+
+@pytest.fixture
+def digits(synthetic_data) -> tuple[str, str]:
+    """:func:`digits_source` as a fixture."""
+    return digits_source(synthetic_data)
+
+
 @pytest.fixture
 def smoke_cfg(synthetic_data, tmp_path):
     """A factory: the smoke config on the synthetic digits with overrides, writing into

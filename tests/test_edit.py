@@ -426,16 +426,24 @@ def test_bad_inputs_are_clear_errors(tmp_path):
         edit.compose(uncond, "12")
 
 
-def test_inputs_from_the_test_set_and_npz(real_mnist, tmp_path):
+def test_inputs_from_the_test_set_and_npz(digits, tmp_path):
+    from mnistdiff.data import load_dataset
     from mnistdiff.sample import save_npz
 
-    got = edit.load_inputs(from_test="0,2-3")
-    assert got.labels.tolist() == [7, 1, 0] and got.names == ["test[0]", "test[2]", "test[3]"]
+    dataset, folder = digits
+    test_set = {"dataset": dataset, "data_dir": folder}
+    arrays = load_dataset(dataset, folder)
+    got = edit.load_inputs(from_test="0,2-3", **test_set)
+    want = arrays.test_labels[[0, 2, 3]].tolist()
+    assert want == [7, 1, 0] or dataset != "mnist"  # the first MNIST test labels
+    assert got.labels.tolist() == want and got.names == ["test[0]", "test[2]", "test[3]"]
+    assert torch.equal(got.images, arrays.test_images[[0, 2, 3]])
     save_npz(tmp_path / "s.npz", got.images, torch.tensor([-1, -1, -1]))
-    both = edit.load_inputs(from_test=[0], npz=tmp_path / "s.npz")
-    assert torch.equal(both.images[1:], got.images) and both.labels.tolist() == [7, -1, -1, -1]
+    both = edit.load_inputs(from_test=[0], npz=tmp_path / "s.npz", **test_set)
+    assert torch.equal(both.images[1:], got.images)
+    assert both.labels.tolist() == [want[0], -1, -1, -1]
     with pytest.raises(ValueError, match="test indices"):
-        edit.load_inputs(from_test=[70000])
+        edit.load_inputs(from_test=[70000], **test_set)
     with pytest.raises(ValueError, match="no input"):
         edit.load_inputs()
 
@@ -444,20 +452,20 @@ def test_inputs_from_the_test_set_and_npz(real_mnist, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    from conftest import mnist_dir
+def trained(tmp_path_factory, synthetic_data):
+    """A 2-step smoke model on the test digits; ``--from-test`` reads that dataset's test split."""
+    from conftest import digits_source
     from mnistdiff.train import train
 
-    data = mnist_dir()
-    if data is None:
-        pytest.skip("real MNIST not available (set MNIST_DIR)")
+    dataset, data = digits_source(synthetic_data)
     run_dir = tmp_path_factory.mktemp("edit") / "run"
+    overrides = [f"data.dataset={dataset}", f"data.data_dir={data}"]
     cfg = load_config(
         ROOT / "configs" / "smoke.yaml",
-        [f"train.run_dir={run_dir}", f"data.data_dir={data}", "train.steps=2", "train.val_every=2"],
+        [f"train.run_dir={run_dir}", *overrides, "train.steps=2", "train.val_every=2"],
     )
     train(cfg)
-    return run_dir, data
+    return run_dir, (dataset, data)
 
 
 def run(*argv):
@@ -465,8 +473,7 @@ def run(*argv):
 
 
 def test_cli_end_to_end(trained, tmp_path, capsys, monkeypatch):
-    run_dir, data = trained
-    monkeypatch.setenv("MNIST_DIR", data)
+    run_dir, (dataset, data) = trained
     ck = ["--checkpoint", run_dir, "--steps", "3"]
     paper = np.full((50, 40), 255, np.uint8)
     paper[10:40, 15:22] = 0
@@ -496,10 +503,11 @@ def test_cli_end_to_end(trained, tmp_path, capsys, monkeypatch):
     assert run("edit", "inpaint", *ck, *args, "--label", "true", "--out", tmp_path / "p.png") == 0
     with np.load(npz) as f:
         images, labels = f["images"], f["labels"]
-    real = edit.load_inputs(from_test="3,4").images.numpy()
+    test_set = {"data_dir": data, "dataset": dataset}
+    real = edit.load_inputs(from_test="3,4", **test_set).images.numpy()
     assert images.shape == (8, 28, 28)  # 2 methods x 2 variations x 2 inputs
     assert np.array_equal(images[:, :14], np.tile(real[:, :14], (4, 1, 1)))
-    assert labels.tolist() == edit.load_inputs(from_test="3,4").labels.tolist() * 4
+    assert labels.tolist() == edit.load_inputs(from_test="3,4", **test_set).labels.tolist() * 4
 
     assert (
         run(
@@ -561,8 +569,7 @@ def test_cli_end_to_end(trained, tmp_path, capsys, monkeypatch):
 
 
 def test_cli_bad_input_exits_nonzero_and_writes_nothing(trained, tmp_path, capsys, monkeypatch):
-    run_dir, data = trained
-    monkeypatch.setenv("MNIST_DIR", data)
+    run_dir, (dataset, data) = trained
     out = tmp_path / "out.png"
     (tmp_path / "bad.png").write_text("nope")
     _png(tmp_path / "big.png", np.full((30, 30), 255, np.uint8))
@@ -586,7 +593,7 @@ def test_cli_bad_input_exits_nonzero_and_writes_nothing(trained, tmp_path, capsy
     argv = ["compose", "12", "--checkpoint", run_dir, "--out", tmp_path / "c.jpg"]
     assert run(*argv) == 1 and "path ending in .png" in capsys.readouterr().err
     # an unconditional model cannot take --to-label
-    pipe = tiny_pipe("model.conditional=false")
+    pipe = tiny_pipe("model.conditional=false", f"data.dataset={dataset}", f"data.data_dir={data}")
     export = write_export(
         tmp_path / "uncond",
         to_dict(pipe.cfg),
@@ -601,14 +608,14 @@ def test_cli_bad_input_exits_nonzero_and_writes_nothing(trained, tmp_path, capsy
 # --------------------------------------------------------------------------- benchmark
 
 
-def test_edit_quality_benchmark_tiny(real_mnist, tmp_path):
+def test_edit_quality_benchmark_tiny(digits, tmp_path):
     """benchmarks/edit_quality.py --tiny: every section, consistent JSON (numbers mean nothing)."""
     import json
     import os
     import subprocess
     import sys
 
-    pipe = tiny_pipe()
+    pipe = tiny_pipe(f"data.dataset={digits[0]}", f"data.data_dir={digits[1]}")
     export = write_export(
         tmp_path / "tiny",
         to_dict(pipe.cfg),
@@ -616,7 +623,7 @@ def test_edit_quality_benchmark_tiny(real_mnist, tmp_path):
         pipe.denoiser.backbone.state_dict(),
     )
     out = tmp_path / "edit.json"
-    env = {**os.environ, "MNIST_DIR": real_mnist, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     script = ROOT / "benchmarks" / "edit_quality.py"
     argv = [sys.executable, str(script), "--tiny", "--checkpoint", str(export), "--out", str(out)]
     proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)

@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 from PIL import Image
 
-from conftest import ROOT
+from conftest import ROOT, smoke_yaml_on
 
 
 def library_snippet() -> str:
@@ -20,8 +20,9 @@ def library_snippet() -> str:
     return match.group(1)
 
 
-def test_library_snippet_runs(real_mnist, tmp_path, monkeypatch):
+def test_library_snippet_runs(digits, tmp_path, monkeypatch):
     shutil.copytree(ROOT / "configs", tmp_path / "configs")
+    smoke_yaml_on(digits, tmp_path / "configs" / "smoke.yaml")  # the snippet's config
     monkeypatch.chdir(tmp_path)
     code = library_snippet()
     exec(compile(code, "README.md#library", "exec"), {"__name__": "readme"})

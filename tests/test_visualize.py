@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, SYNTHETIC
+from conftest import ROOT, SYNTHETIC, smoke_yaml_on
 from mnistdiff import visualize
 from mnistdiff.cli import build_parser, main
 from mnistdiff.schedules import build_schedule
@@ -150,9 +150,10 @@ def test_nfe_samples_count_calls(pipe):
 # --------------------------------------------------------------------------- CLI
 
 
-def test_cli_forward_and_schedules(real_mnist, tmp_path, capsys):
+def test_cli_forward_and_schedules(digits, tmp_path, capsys):
     out = tmp_path / "forward.png"
-    args = ["visualize", "forward", "--config", str(SMOKE), "--times", "0,0.5,1", "--digit", "3"]
+    config = smoke_yaml_on(digits, tmp_path / "smoke.yaml")
+    args = ["visualize", "forward", "--config", str(config), "--times", "0,0.5,1", "--digit", "3"]
     assert main([*args, "--out", str(out)]) == 0
     assert f"wrote {out}" in capsys.readouterr().out
     assert_png(out)

@@ -103,10 +103,18 @@ def _load(args):
     return Pipeline.load(checkpoint, device=args.device or "auto", use_ema=not args.no_ema)
 
 
-def _read_inputs(args):
+def _read_inputs(args, pipe):
+    """The inputs; ``--from-test`` reads the test split of the model's own dataset."""
     from .inputs import load_inputs
 
-    return load_inputs(args.image, args.from_test or (), args.npz, data_dir=args.data_dir)
+    data = pipe.cfg.data
+    return load_inputs(
+        args.image,
+        args.from_test or (),
+        args.npz,
+        data_dir=args.data_dir or data.data_dir,
+        dataset=data.dataset,
+    )
 
 
 def _options(args) -> dict:
@@ -188,8 +196,8 @@ def cmd_invert(args) -> int:
     from .inversion import reconstruct
 
     _check_outputs(args)
-    inputs = _read_inputs(args)
     pipe = _load(args)
+    inputs = _read_inputs(args, pipe)
     _shown(inputs)
     n, opts = len(inputs), _options(args)
     given = _labels(args.label, inputs, n)
@@ -230,8 +238,8 @@ def cmd_restyle(args) -> int:
     check_strength(args.strength)
     _check_outputs(args)
     targets = _int_list(args.to_label, "--to-label")
-    inputs = _read_inputs(args)
     pipe = _load(args)
+    inputs = _read_inputs(args, pipe)
     if not pipe.conditional:
         raise ValueError(
             "--to-label needs a class-conditional model; this one is unconditional "
@@ -268,8 +276,8 @@ def cmd_sdedit(args) -> int:
     check_strength(args.strength)
     _check_variations(args.variations)
     _check_outputs(args)
-    inputs = _read_inputs(args)
     pipe = _load(args)
+    inputs = _read_inputs(args, pipe)
     _shown(inputs)
     n, k = len(inputs), args.variations
     labels = _labels(args.label, inputs, n)
@@ -305,8 +313,8 @@ def cmd_inpaint(args) -> int:
     if args.resample < 1:
         raise ValueError(f"--resample must be >= 1, got {args.resample}")
     _check_outputs(args)
-    inputs = _read_inputs(args)
     pipe = _load(args)
+    inputs = _read_inputs(args, pipe)
     _shown(inputs)
     n, k = len(inputs), args.variations
     labels = _labels(args.label, inputs, n)
@@ -348,12 +356,12 @@ def cmd_interpolate(args) -> int:
     if has_images == (args.seeds is not None):
         raise ValueError("give --seeds A,B or two images (--image/--from-test/--npz), not both")
     kwargs = {"seeds": _int_list(args.seeds, "--seeds")} if args.seeds else {}
+    pipe = _load(args)
     if has_images:
-        inputs = _read_inputs(args)
+        inputs = _read_inputs(args, pipe)
         if len(inputs) != 2:
             raise ValueError(f"interpolating images needs exactly 2 inputs, got {len(inputs)}")
         kwargs["images"] = inputs.images
-    pipe = _load(args)
     out = interpolate(pipe, args.frames, labels=label, **kwargs, **_options(args))
     _write(args, out.images, len(out.images), out.images, out.labels)
     frames = [make_grid(img[None], nrow=1) for img in out.images]

@@ -198,8 +198,10 @@ def load_inputs(
     npz: str | os.PathLike | None = None,
     *,
     data_dir: str | os.PathLike | None = None,
+    dataset: str = "mnist",
 ) -> EditInputs:
-    """Gather user images, MNIST test digits and ``.npz`` images into one batch (in that order).
+    """Gather user images, test digits of ``dataset`` and ``.npz`` images into one batch (in
+    that order). The CLI passes the model's own dataset, so ``--from-test`` reads its test split.
 
     Raises:
         ValueError: nothing given, an unreadable image, an index out of range.
@@ -214,7 +216,7 @@ def load_inputs(
         names.append(Path(path).name)
         inverted.append(inv)
     if from_test:
-        x, y = test_digits(from_test, data_dir)
+        x, y = test_digits(from_test, data_dir, dataset)
         parts.append(x)
         labels.append(y)
         names += [f"test[{i}]" for i in from_test]
