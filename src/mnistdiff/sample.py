@@ -7,6 +7,7 @@ engine shared by the CLI, the training previews and the evaluator.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,14 +114,27 @@ def _load_guidance_classifier(denoiser: Denoiser, opts: SampleOptions, labels: T
     """The checked classifier of ``opts.classifier`` on the model's device, or None."""
     if opts.classifier is None:
         return None
-    from .noisy_classifier import check_compatible, load_classifier
+    from .noisy_classifier import check_compatible
 
     if labels is None:
         raise ValueError("classifier guidance needs labels: give the digits to steer to")
     device = next(denoiser.parameters()).device
-    classifier = load_classifier(opts.classifier, device)
+    stat = Path(opts.classifier).stat() if Path(opts.classifier).exists() else None
+    stamp = None if stat is None else (stat.st_mtime_ns, stat.st_size)
+    classifier = _loaded_classifier(str(opts.classifier), stamp, str(device))
     check_compatible(classifier, denoiser.schedule, denoiser.image_shape, denoiser.num_classes)
     return classifier
+
+
+@functools.lru_cache(maxsize=4)
+def _loaded_classifier(path: str, stamp, device: str) -> torch.nn.Module:
+    """``load_classifier(path, device)`` once per file version (``stamp``: mtime and size):
+    streaming calls :func:`generate` per batch, and the classifier (frozen, eval mode) is
+    shared read-only. A rewritten file has a new stamp, so it is loaded and verified again."""
+    from .noisy_classifier import load_classifier
+
+    del stamp  # only part of the cache key
+    return load_classifier(path, device)
 
 
 @torch.no_grad()
