@@ -267,6 +267,57 @@ def test_guidance_steers_an_unconditional_pipeline(trained):
         Pipeline.load(flow, device="cpu").generate([1], steps=2, classifier=str(out))
 
 
+def _target_log_prob(classifier, images, labels, pipe):
+    """Mean log p(label | image) of the classifier at a near-clean time."""
+    from mnistdiff.edit.core import to_model
+
+    x = to_model(pipe, images)
+    with torch.no_grad():
+        logits = classifier(x, torch.full((len(x),), 0.02))
+    return logits.log_softmax(1).gather(1, labels.view(-1, 1)).mean().item()
+
+
+def test_edits_steer_an_unconditional_model_with_the_classifier(trained):
+    """Restyle, SDEdit, inpainting and compose take target labels on an unconditional model
+    when a noisy classifier steers it; scale 0 is the unsteered edit, bit for bit."""
+    from mnistdiff import edit
+    from mnistdiff.sample import Pipeline
+
+    uncond, out, _, _, _ = trained
+    pipe = Pipeline.load(uncond, device="cpu")
+    clf = load_classifier(out)
+    images = edit.core.to_uint8(pipe, pipe.generate(num=6, steps=4, seed=3).x)
+    targets = torch.tensor([0, 1, 2, 3, 4, 5])
+    with pytest.raises(ValueError, match="or a noisy classifier to steer this unconditional"):
+        edit.restyle(pipe, images, targets, steps=4)
+    kw = {"steps": 4, "classifier": str(out)}
+    plain = edit.reconstruct(pipe, images, None, steps=4)
+    zero = edit.restyle(pipe, images, targets, classifier_scale=0.0, **kw)
+    assert torch.equal(zero.images, plain.images)  # unsteered: invert + decode, no label
+    steered = edit.restyle(pipe, images, targets, classifier_scale=8.0, **kw)
+    assert steered.labels.tolist() == targets.tolist()
+    gain = _target_log_prob(clf, steered.images, targets, pipe)
+    assert gain > _target_log_prob(clf, zero.images, targets, pipe) + 1.0
+    with pytest.raises(ValueError, match="unconditional: it cannot take a label here"):
+        edit.restyle(pipe, images, targets, from_labels=targets, classifier_scale=8.0, **kw)
+
+    sd = edit.sdedit(pipe, images, 0.8, targets, classifier_scale=8.0, seed=1, **kw)
+    sd0 = edit.sdedit(pipe, images, 0.8, None, steps=4, seed=1)
+    assert sd.labels.tolist() == targets.tolist() and not torch.equal(sd.images, sd0.images)
+    with pytest.raises(ValueError, match="steer it with a noisy classifier"):
+        edit.sdedit(pipe, images, 0.8, targets, steps=4)
+    with pytest.raises(ValueError, match="classifier guidance needs labels"):
+        edit.sdedit(pipe, images, 0.8, None, **kw)
+
+    filled = edit.inpaint(pipe, images, "bottom", targets, classifier_scale=8.0, **kw)
+    top = slice(0, 14)
+    assert torch.equal(filled.images[:, top], images[:, top])  # known pixels kept exactly
+    number = edit.compose(pipe, "205", classifier_scale=8.0, **kw)
+    assert len(number.glyphs) == 3
+    with pytest.raises(ValueError, match="compose needs a class-conditional model"):
+        edit.compose(pipe, "205", steps=4)
+
+
 def _cli(*args, cwd):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(
@@ -305,6 +356,23 @@ def test_cli_train_classifier_and_sample(trained, tmp_path):
     assert not (tmp_path / "h.png").exists()
     proc = _cli("train-classifier", "--checkpoint", flow, "--out", tmp_path / "x.pt", cwd=tmp_path)
     assert proc.returncode == 1 and "must end in .safetensors" in proc.stderr
+    # edits: restyle an unconditional model's digit with the classifier; refused without it
+    from PIL import Image
+
+    png = tmp_path / "digit.png"
+    with np.load(npz) as f:
+        Image.fromarray(f["images"][0]).save(png)
+    base = ("edit", "restyle", "--checkpoint", uncond, "--image", png, "--to-label", "4,9")
+    proc = _cli(*base, "--steps", "2", "--out", tmp_path / "r.png", cwd=tmp_path)
+    assert proc.returncode == 1 and "--classifier FILE" in proc.stderr
+    assert not (tmp_path / "r.png").exists()
+    proc = _cli(
+        *base, "--classifier", out, "--classifier-scale", "4", "--steps", "2",
+        "--out", tmp_path / "r.png", "--save-npz", tmp_path / "r.npz", cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    with np.load(tmp_path / "r.npz") as f:
+        assert f["labels"].tolist() == [4, 9] and f["images"].shape == (2, 28, 28)
 
 
 def test_benchmark_tiny(trained, tmp_path):

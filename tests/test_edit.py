@@ -319,8 +319,6 @@ def test_inapplicable_or_noisy_options_are_errors():
         edit.interpolate(pipe, 3, seeds=(1, 2), sampler="ddpm", steps=3)
     with pytest.raises(ValueError, match="steps or nfe, not both"):
         edit.sdedit(pipe, images, 0.5, steps=3, nfe=3)
-    with pytest.raises(ValueError, match="classifier guidance is not available in edits"):
-        edit.inpaint(pipe, images, "bottom", [1, 2], classifier="noisy.safetensors", steps=3)
 
 
 def test_inversion_sets_the_configs_noise_options_to_zero():

@@ -74,7 +74,7 @@ def denoise_fn(
         conditional: whether the model takes labels (else labels are ignored).
         precision: the autocast policy.
         classifier: a noisy classifier for classifier guidance (``opts.classifier_scale``),
-            loaded by :func:`_load_guidance_classifier`, or None.
+            loaded by :func:`guidance_classifier`, or None.
         counter: counts the rows the network sees (network passes per image).
 
     Returns:
@@ -110,8 +110,14 @@ def denoise_fn(
     return thresholded(fn, opts.threshold)
 
 
-def _load_guidance_classifier(denoiser: Denoiser, opts: SampleOptions, labels: Tensor | None):
-    """The checked classifier of ``opts.classifier`` on the model's device, or None."""
+def guidance_classifier(denoiser: Denoiser, opts: SampleOptions, labels: Tensor | None):
+    """The checked classifier of ``opts.classifier`` on the model's device, or None (sampling
+    and editing both load it here).
+
+    Raises:
+        ValueError: a classifier without labels to steer to.
+        mnistdiff.noisy_classifier.ClassifierError: a classifier of another schedule or shape.
+    """
     if opts.classifier is None:
         return None
     from .noisy_classifier import check_compatible
@@ -166,7 +172,7 @@ def generate(
     info = get_sampler(opts.sampler)
     ts = time_grid(denoiser.schedule, opts.grid or info.default_grid, opts.steps)
     spec_shape = denoiser.image_shape
-    classifier = _load_guidance_classifier(denoiser, opts, labels)
+    classifier = guidance_classifier(denoiser, opts, labels)
     outs, nfe, counter, images = [], 0, _PassCounter(), 0
     for b in tqdm(batches, desc="sampling", disable=not progress, leave=False):
         start = b * batch_size

@@ -240,15 +240,16 @@ def cmd_restyle(args) -> int:
     targets = _int_list(args.to_label, "--to-label")
     pipe = _load(args)
     inputs = _read_inputs(args, pipe)
-    if not pipe.conditional:
+    options = _options(args)
+    if not pipe.conditional and not options.get("classifier"):
         raise ValueError(
-            "--to-label needs a class-conditional model; this one is unconditional "
-            "(classifier guidance for unconditional models is not available here yet)"
+            "--to-label needs a class-conditional model, or --classifier FILE (a noisy "
+            "classifier from `mnistdiff train-classifier`) to steer this unconditional one"
         )
     _shown(inputs)
     n = len(inputs)
     sources = _labels(args.from_label, inputs, n, "--from-label")
-    if sources is None:
+    if sources is None and pipe.conditional:  # an unconditional model inverts without labels
         sources = _known_labels(inputs)
     images = inputs.images.repeat(len(targets), 1, 1)  # target-major
     to = torch.tensor(targets).repeat_interleave(n)
@@ -261,7 +262,7 @@ def cmd_restyle(args) -> int:
         strength=args.strength,
         progress=True,
         **_batch(args),
-        **_options(args),
+        **options,
     )
     print(f"restyled {n} input(s) to {targets}: NFE {out.nfe} per image")
     cols = [inputs.images] + list(out.images.split(n))

@@ -101,7 +101,8 @@ def compose(
     """Write ``text`` (digits and ``+ - =``) as one handwritten line.
 
     Args:
-        pipe: a class-conditional :class:`mnistdiff.sample.Pipeline` trained on digits.
+        pipe: a :class:`mnistdiff.sample.Pipeline` trained on digits: class-conditional, or
+            unconditional and steered by a noisy classifier (``classifier=FILE``).
         text: e.g. ``"2026"`` or ``"3+4=7"``.
         seed: shared starting noise and layout randomness.
         style: optional uint8 ``[28, 28]`` reference digit to restyle to every digit.
@@ -116,20 +117,22 @@ def compose(
         A :class:`Composition`.
 
     Raises:
-        ValueError: characters other than digits and ``+ - =``, an unconditional model, a
+        ValueError: characters other than digits and ``+ - =``, an unconditional model without
+            a classifier, a
             digit outside the model's classes, bad gap/jitter.
     """
     text = check_text(text)
     lo, hi = gap
     if not (0 <= lo <= hi) or jitter < 0:
         raise ValueError(f"need 0 <= gap min <= gap max and jitter >= 0, got {gap}, {jitter}")
-    if not pipe.conditional:
+    opts = sampling(pipe, **options)
+    if not pipe.conditional and opts.classifier is None:
         raise ValueError(
-            "compose needs a class-conditional model to choose each digit; this one is "
-            "unconditional"
+            "compose needs a class-conditional model to choose each digit, or a noisy "
+            "classifier to steer this unconditional one (classifier=FILE)"
         )
     digits = [int(c) for c in text if c.isdigit()]
-    labels = check_labels(pipe, digits, len(digits))
+    labels = check_labels(pipe, digits, len(digits), opts)
     glyphs, nfe = _digit_glyphs(pipe, labels, seed, style, style_label, strength, options)
     width = stroke_width(glyphs)
     it = iter(glyphs)

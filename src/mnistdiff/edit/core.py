@@ -87,8 +87,7 @@ def sampling(
 
     Raises:
         ValueError: (:class:`~mnistdiff.config.ConfigError` for option values) a bad or
-            inapplicable option, steps and nfe together, noise where the edit cannot take it,
-            or a noisy classifier (classifier guidance is not wired into edits yet).
+            inapplicable option, steps and nfe together, noise where the edit cannot take it.
     """
     section = pipe.cfg.sample if base is None else base
     chosen = {k: v for k, v in overrides.items() if v is not None}
@@ -103,11 +102,6 @@ def sampling(
             raise ValueError("give steps or nfe, not both")
         chosen["steps"] = steps_for_nfe(sampler, nfe)
     opts = SampleOptions.from_config(section, **chosen)
-    if opts.classifier is not None:
-        raise ValueError(
-            f"classifier={opts.classifier!r}: classifier guidance is not available in edits yet "
-            "(`mnistdiff sample --classifier` has it); use classifier-free guidance (guidance)"
-        )
     return _without_noise(opts, chosen) if (deterministic or ode) else opts
 
 
@@ -173,12 +167,19 @@ def to_uint8(pipe: Pipeline, x: Tensor) -> Tensor:
 
 
 def check_labels(
-    pipe: Pipeline, labels: Sequence[int] | Tensor | int | None, n: int
+    pipe: Pipeline,
+    labels: Sequence[int] | Tensor | int | None,
+    n: int,
+    opts: SampleOptions | None = None,
 ) -> Tensor | None:
     """Labels ``[n]`` (an int is repeated) checked against the model's classes, or None.
 
+    An unconditional model takes labels only where the edit steers with a noisy classifier
+    (``opts.classifier``, classifier guidance): pass the edit's ``opts`` there.
+
     Raises:
-        ValueError: labels on an unconditional model, a wrong count or a label out of range.
+        ValueError: labels on an unconditional model without a classifier, a wrong count or a
+            label out of range.
     """
     if labels is None:
         return None
@@ -187,10 +188,11 @@ def check_labels(
         labels = labels.expand(n).clone()
     if labels.numel() != n:
         raise ValueError(f"got {labels.numel()} labels for {n} images")
-    if not pipe.conditional:
+    if not pipe.conditional and (opts is None or opts.classifier is None):
+        steer = "" if opts is None else ", or steer it with a noisy classifier (--classifier)"
         raise ValueError(
-            "this model is unconditional: it cannot take a label (train with "
-            "model.conditional=true, or steer it with a noisy classifier)"
+            "this model is unconditional: it cannot take a label here (train with "
+            f"model.conditional=true{steer})"
         )
     k = pipe.spec.num_classes
     if bool(((labels < 0) | (labels >= k)).any()):
@@ -205,12 +207,15 @@ def denoise_fn(pipe: Pipeline, labels: Tensor | None, opts: SampleOptions) -> De
     Args:
         pipe: a :class:`mnistdiff.sample.Pipeline`.
         labels: int64 ``[B]`` or None (null label).
-        opts: guidance (``u + w (c - u)``, rescale, interval) and threshold apply.
+        opts: guidance (``u + w (c - u)``, rescale, interval), classifier guidance
+            (``classifier``, ``classifier_scale``) and threshold apply.
     """
     from ..sample import denoise_fn as sampling_denoise_fn
+    from ..sample import guidance_classifier
 
     y = None if labels is None else labels.to(pipe.device)
-    return sampling_denoise_fn(pipe.denoiser, y, opts, pipe.conditional, pipe.precision)
+    classifier = guidance_classifier(pipe.denoiser, opts, y)
+    return sampling_denoise_fn(pipe.denoiser, y, opts, pipe.conditional, pipe.precision, classifier)
 
 
 def full_grid(schedule: Schedule, sampler: str, steps: int, grid: str | None = None) -> Tensor:

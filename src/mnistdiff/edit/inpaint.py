@@ -173,7 +173,7 @@ def inpaint(
     images = images if images.ndim == 3 else images[:, 0]
     x0 = to_model(pipe, images)
     masks = _masks(mask, len(x0))
-    labels = check_labels(pipe, labels, len(x0))
+    labels = check_labels(pipe, labels, len(x0), opts)
     schedule = pipe.denoiser.schedule
     ts = grid_for(opts, schedule)
     outs, nfe = [], 0

@@ -162,7 +162,7 @@ def invert(
         options["guidance"] = 1.0
     opts = sampling(pipe, ode=True, **options)
     x0 = to_model(pipe, images)
-    labels = check_labels(pipe, labels, len(x0))
+    labels = check_labels(pipe, labels, len(x0), opts)
     ts = generation_grid(pipe, opts, t_end)
     outs, nfe = [], 0
     for sl in tqdm(batches(len(x0), batch_size, pipe), desc="inverting", disable=not progress):
@@ -199,7 +199,7 @@ def decode(
     n = len(inversion.latents)
     if labels is None and bool((inversion.labels >= 0).all()):
         labels = inversion.labels
-    labels = check_labels(pipe, labels, n)
+    labels = check_labels(pipe, labels, n, opts)
     ts = generation_grid(pipe, opts, inversion.t)
     outs, nfe = [], 0
     for sl in batches(n, batch_size, pipe):

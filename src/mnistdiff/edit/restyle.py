@@ -10,9 +10,10 @@ Maths. With the probability-flow ODE ``Phi_y`` of the class-``y`` model from t =
 ``z = Phi_(y_src)(x_src)`` (deterministic, so ``z`` keeps what the network reads as style:
 position, slant, stroke width; coarse layout is set early in sampling, Ho et al. 2020 sec. 4.3),
 then ``x_out = Phi_(y_tgt)^(-1)(z)`` decoded with the target label and classifier-free
-guidance ``u + w (c_tgt - u)``. ``strength`` = t0 in (0, 1] sets the depth: 1 inverts all the way to
-noise (largest change of identity), small values keep more of the source pixels. Without a
-source label the inversion is unconditional.
+guidance ``u + w (c_tgt - u)``, or, for an unconditional model, with classifier guidance toward
+``y_tgt`` (Dhariwal & Nichol 2021; the inversion is then unconditional). ``strength`` = t0
+in (0, 1] sets the depth: 1 inverts all the way to noise (largest change of identity), small
+values keep more of the source pixels. Without a source label the inversion is unconditional.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from .core import EditResult, check_labels, check_strength, to_model, to_uint8
+from .core import EditResult, check_labels, check_strength, sampling, to_model, to_uint8
 from .inversion import decode, invert
 
 if TYPE_CHECKING:
@@ -46,7 +47,8 @@ def restyle(
     """Turn uint8 digits ``[N, 28, 28]`` into the classes ``to_labels``, keeping their style.
 
     Args:
-        pipe: a conditional :class:`mnistdiff.sample.Pipeline`.
+        pipe: a :class:`mnistdiff.sample.Pipeline`, conditional or steered by a noisy
+            classifier (``classifier=FILE`` in ``options``, used for the decoding only).
         images: uint8 ``[N, 28, 28]`` source digits.
         to_labels: target classes (an int is repeated).
         from_labels: the sources' classes (better inversion), or None (unconditional).
@@ -62,25 +64,25 @@ def restyle(
         :class:`EditResult` with the target labels (``info``: strength, NFE each way).
 
     Raises:
-        ValueError: unconditional model, labels out of range, strength outside (0, 1].
+        ValueError: an unconditional model without a classifier, labels out of range, strength
+            outside (0, 1].
     """
     t0 = check_strength(strength)
     n = len(to_model(pipe, images))
-    if not pipe.conditional:
+    steer = {k: options.pop(k) for k in ("classifier", "classifier_scale") if k in options}
+    decode_opts = {**options, **steer}
+    decode_opts["guidance"] = pipe.cfg.sample.guidance if guidance is None else guidance
+    decoding = sampling(pipe, **decode_opts)
+    if not pipe.conditional and decoding.classifier is None:
         raise ValueError(
-            "restyle needs a class-conditional model: this one is unconditional (a noisy-"
-            "classifier guide is the alternative, see issue 16)"
+            "restyle needs a class-conditional model, or a noisy classifier to steer this "
+            "unconditional one to the targets (classifier=FILE, `mnistdiff train-classifier`)"
         )
-    targets = check_labels(pipe, to_labels, n)
-    sources = check_labels(pipe, from_labels, n)
+    targets = check_labels(pipe, to_labels, n, decoding)
+    sources = check_labels(pipe, from_labels, n)  # the inversion takes no classifier
     inv = invert(
         pipe, images, sources, t_end=t0, batch_size=batch_size, progress=progress, **options
     )
-    decode_opts = dict(options)
-    if guidance is not None:
-        decode_opts["guidance"] = guidance
-    else:
-        decode_opts["guidance"] = pipe.cfg.sample.guidance
     x, nfe = decode(pipe, inv, targets, batch_size=batch_size, **decode_opts)
     info = {"strength": t0, "nfe_invert": inv.nfe, "nfe_decode": nfe}
     return EditResult(to_uint8(pipe, x), targets.cpu(), inv.nfe + nfe, info)

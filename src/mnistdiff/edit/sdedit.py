@@ -75,7 +75,7 @@ def sdedit(
     t0 = check_strength(strength)
     opts = sampling(pipe, **options)
     x_g = to_model(pipe, images)
-    labels = check_labels(pipe, labels, len(x_g))
+    labels = check_labels(pipe, labels, len(x_g), opts)
     schedule = pipe.denoiser.schedule
     ts = truncate_grid(grid_for(opts, schedule), t0)
     outs, nfe = [], 0
