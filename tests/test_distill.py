@@ -275,7 +275,7 @@ TINY_DISTILL = [
 ]
 
 
-def _run(teacher, method, run_dir, *, stop=None, resume=None):
+def _run(teacher, method, run_dir, *, stop=None, resume=None, log=None):
     return distill_checkpoint(
         str(teacher),
         method,
@@ -285,7 +285,7 @@ def _run(teacher, method, run_dir, *, stop=None, resume=None):
         overrides=TINY_DISTILL,
         resume=resume,
         stop_after_steps=stop,
-        log=lambda *a, **k: None,
+        log=log or (lambda *a, **k: None),
     )
 
 
@@ -301,11 +301,16 @@ def _same(a, b) -> bool:
 
 @pytest.mark.parametrize("method", ["guidance", "progressive", "reflow"])
 def test_distill_resumes_bit_for_bit(flow_teacher, tmp_path, method):
+    """Distill 6 steps, or 4, stop, then the printed resume command: the same bits."""
     from mnistdiff.checkpoint import load_checkpoint
+    from mnistdiff.cli import main
 
     _run(flow_teacher, method, tmp_path / "straight")
-    _run(flow_teacher, method, tmp_path / "split", stop=4)
-    _run(flow_teacher, method, tmp_path / "split", resume="auto")
+    messages = []
+    _run(flow_teacher, method, tmp_path / "split", stop=4, log=messages.append)
+    hint = messages[-1].split("resume with: ")[1]  # the command the user is told to run
+    assert hint == f"mnistdiff distill --run-dir {tmp_path / 'split'} --resume auto"
+    assert main(hint.split()[1:]) == 0
     a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
     b = load_checkpoint(tmp_path / "split" / "checkpoints" / "last.pt")
     assert a["step"] == b["step"] == 6

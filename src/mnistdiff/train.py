@@ -181,6 +181,10 @@ class TrainTask:
     def load_state_dict(self, state: dict) -> None:
         """Restore what :meth:`state_dict` returned."""
 
+    def resume_command(self, run_dir: Path) -> str:
+        """The command that continues an interrupted run in ``run_dir``."""
+        return f"mnistdiff train --config {run_dir / 'config.yaml'} --resume auto"
+
 
 @dataclass
 class DiffusionTask(TrainTask):
@@ -586,7 +590,7 @@ def _report(
             f"run: {run.dir}"
         )
         return run.dir
-    hint = f"resume with: mnistdiff train --config {run.dir / 'config.yaml'} --resume auto"
+    hint = f"resume with: {state.task.resume_command(run.dir)}"
     if stopped_by == "stop_after_steps":
         run.log(f"stopped after {steps} steps at step {p.step}/{state.total_steps}; {hint}")
         return run.dir

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import Tensor
 
@@ -65,6 +67,10 @@ class DistillTask(TrainTask):
             "teacher": self.teacher.backbone.state_dict(),
             "teacher_config": to_dict(self.teacher_cfg),
         }
+
+    def resume_command(self, run_dir: Path) -> str:
+        """The teacher travels in the checkpoint, so the run directory is all it needs."""
+        return f"mnistdiff distill --run-dir {run_dir} --resume auto"
 
     def load_state_dict(self, state: dict) -> None:
         self.teacher.backbone.load_state_dict(state["teacher"])
