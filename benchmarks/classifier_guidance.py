@@ -31,7 +31,7 @@ import torch
 
 from mnistdiff.evaluate import evaluate_pipeline
 from mnistdiff.evaluator import load_evaluator
-from mnistdiff.noisy_classifier import train_classifier
+from mnistdiff.noisy_classifier import DEFAULT_MINUTES, train_classifier
 from mnistdiff.sample import Pipeline
 from mnistdiff.samplers import get_sampler, steps_for_nfe
 from throughput import environment, log, write_result
@@ -122,9 +122,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--uncond", help="unconditional model (run dir, checkpoint or export)")
     p.add_argument("--cond", help="conditional model, for CFG and the sampler comparison")
     p.add_argument("--classifier", help="noisy classifier .safetensors (default: train one)")
-    p.add_argument("--classifier-minutes", type=float, default=3.0,
+    p.add_argument("--classifier-minutes", type=float, default=DEFAULT_MINUTES,
                    help="training budget when no --classifier is given")  # fmt: skip
-    p.add_argument("--classifier-scales", type=_floats, help="default 1,2,4")
+    p.add_argument("--classifier-scales", type=_floats, help="default 4,8,16")
     p.add_argument("--cfg-scale", type=float, help="CFG w for the comparison (default 1.4)")
     p.add_argument("--sampler", help="sampler for part 1 (default dpmpp_2m)")
     p.add_argument("--steps", type=int, help="steps for part 1 (default 20)")
@@ -145,7 +145,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     tiny = {"classifier_scales": [1.0, 4.0], "cfg_scale": 2.0, "sampler": "ddim", "steps": 3,
             "samplers": ["sde_pc", "ddim"], "nfe": [4], "num_samples": 20}  # fmt: skip
-    full = {"classifier_scales": [1.0, 2.0, 4.0], "cfg_scale": 1.4, "sampler": "dpmpp_2m",
+    full = {"classifier_scales": [4.0, 8.0, 16.0], "cfg_scale": 1.4, "sampler": "dpmpp_2m",
             "steps": 20, "samplers": ["sde_pc", "ddpm", "ddim", "dpmpp_2m"],
             "nfe": [10, 20, 50, 100], "num_samples": 1000}  # fmt: skip
     for key, value in (tiny if args.tiny else full).items():
