@@ -14,7 +14,7 @@ import pytest
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "diffusion_on_mnist.ipynb"
 MAX_BYTES = 3 * 1024 * 1024
-SECTIONS = ("## 1.", "## 2.", "## 3.", "## 4.", "## 5.", "## 6.", "## 7.")
+SECTIONS = ("## 1.", "## 2.", "## 3.", "## 4.", "## 5.", "## 6.", "## 7.", "## 8.")
 LINKS = ("../docs/theory.md#", "../src/mnistdiff/schedules.py", "../src/mnistdiff/samplers.py")
 
 
