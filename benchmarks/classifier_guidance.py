@@ -37,7 +37,7 @@ from mnistdiff.samplers import get_sampler, steps_for_nfe
 from throughput import environment, log, write_result
 
 KEEP = ("num_samples", "fd_mnist", "kid", "precision", "recall", "class_accuracy")
-KEEP += ("sampler", "steps", "nfe", "grid", "guidance", "sampling_seconds")
+KEEP += ("sampler", "steps", "nfe", "passes_per_image", "grid", "guidance", "sampling_seconds")
 
 
 def row_of(result: dict[str, Any], **extra) -> dict[str, Any]:
