@@ -440,3 +440,18 @@ def test_sampling_flags_cover_every_option():
     }
     for f in dataclasses.fields(SampleConfig):
         assert "--" + f.name.replace("_", "-") in flags, f.name
+
+
+def test_null_sampling_flags_override_the_config():
+    """A key that may be null (guidance interval, grid, classifier, s_tmax) is passed on only
+    when given, so ``--guidance-interval null`` switches off a config's interval."""
+    from mnistdiff.cli import build_parser, sampling_overrides
+
+    parser = build_parser()
+    given = parser.parse_args(["sample", "--guidance-interval", "null", "--grid", "null"])
+    assert sampling_overrides(given) == {"guidance_interval": None, "grid": None}
+    interval = parser.parse_args(["evaluate", "--real-floor", "--guidance-interval", "0,0.7"])
+    assert sampling_overrides(interval) == {"guidance_interval": (0.0, 0.7)}
+    assert sampling_overrides(parser.parse_args(["sample", "--guidance", "1.5"])) == {
+        "guidance": 1.5
+    }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from mnistdiff.data import DataSpec
 from mnistdiff.distill import distill_checkpoint, student_config
 from mnistdiff.distill.batch import Batch
 from mnistdiff.distill.guidance import guidance_distillation_loss
+from mnistdiff.distill.methods import guidance_plan
 from mnistdiff.distill.progressive import two_step_target
 from mnistdiff.distill.reflow import generate_pairs, reflow_loss
 from mnistdiff.distill.student import load_teacher_weights
@@ -98,17 +100,26 @@ def test_guided_teacher_equals_classifier_free_guidance():
 
 @pytest.mark.parametrize("overrides", [(), FLOW], ids=["cosine-eps", "flow-velocity"])
 @pytest.mark.parametrize("i", [1, 3])
-def test_progressive_target_lands_where_two_teacher_ddim_steps_land(overrides, i):
-    """One DDIM step with the target x0 == two DDIM steps of the teacher (the sampler's own)."""
+@pytest.mark.parametrize("interval", [None, (0.0, 0.7)], ids=["every-t", "interval"])
+def test_progressive_target_lands_where_two_teacher_ddim_steps_land(overrides, i, interval):
+    """One DDIM step with the target x0 == two DDIM steps of the teacher (the sampler's own,
+    guidance interval included: at i = 3 the first teacher step is outside it, the second in)."""
     _, teacher = tiny(*overrides)
     n_steps, y, w = 4, torch.tensor([2, 5, 10]), 1.8
     t0 = i / n_steps
     x_t = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         target = two_step_target(
-            teacher, x_t, torch.full((3,), t0, dtype=torch.float64), n_steps, y, torch.full((3,), w)
+            teacher,
+            x_t,
+            torch.full((3,), t0, dtype=torch.float64),
+            n_steps,
+            y,
+            torch.full((3,), w),
+            interval=interval,
         )
-        teacher_fn = thresholded(classifier_free(teacher, y, w, teacher.null_label), "clip")
+        guided = classifier_free(teacher, y, w, teacher.null_label, interval=interval)
+        teacher_fn = thresholded(guided, "clip")
         fine = torch.tensor([t0, t0 - 0.5 / n_steps, t0 - 1 / n_steps], dtype=torch.float64)
         coarse = torch.tensor([t0, t0 - 1 / n_steps], dtype=torch.float64)
         states = {}
@@ -124,15 +135,17 @@ def test_progressive_target_lands_where_two_teacher_ddim_steps_land(overrides, i
     torch.testing.assert_close(states["student"], states["teacher"], atol=2e-5, rtol=1e-4)
 
 
-def test_reflow_pairs_are_the_guided_teacher_ode_samples():
+@pytest.mark.parametrize("interval", [None, (0.0, 0.5)], ids=["every-t", "interval"])
+def test_reflow_pairs_are_the_guided_teacher_ode_samples(interval):
     _, teacher = tiny(*FLOW)
     y, w = torch.tensor([1, 4, 9]), 1.6
-    plan = GuidancePlan(w, w, student_input=False)
+    plan = GuidancePlan(w, w, student_input=False, interval=interval)
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
         pairs = generate_pairs(teacher, y, gen, plan=plan, label_dropout=0.0, steps=3)
         ts = time_grid(teacher.schedule, "uniform", 3)
-        fn = thresholded(classifier_free(teacher, y, w, teacher.null_label), "clip")
+        guided = classifier_free(teacher, y, w, teacher.null_label, interval=interval)
+        fn = thresholded(guided, "clip")
         x = initial_sample(teacher.schedule, ts, pairs.noise)
         ref = get_sampler("dpmpp_2m").fn(fn, x, teacher.schedule, ts).x
     torch.testing.assert_close(pairs.x0, ref)
@@ -240,6 +253,20 @@ def test_student_config_records_how_to_sample_it():
     # a student of a baked-in student asks its teacher at w = 1 (one pass)
     pp = student_config(p, "progressive", teacher_path="p", steps=1)
     assert pp.distill.guidance == 1.0 and pp.sample.guidance == 1.0
+
+
+def test_student_config_keeps_the_teachers_guidance_interval():
+    quick = load_config(ROOT / "configs" / "quick.yaml")
+    teacher = quick.replace(sample=dataclasses.replace(quick.sample, guidance_interval=(0.0, 0.7)))
+    p = student_config(teacher, "progressive", teacher_path="t", steps=4)
+    # baked in: the first round's teacher is guided only in the interval, the student is not
+    assert p.distill.guidance_interval == (0.0, 0.7) and p.sample.guidance_interval is None
+    assert guidance_plan(p).interval == (0.0, 0.7)
+    g = student_config(teacher, "guidance", teacher_path="t")
+    assert g.sample.guidance_interval == (0.0, 0.7)  # the w input is given only there
+    assert guidance_plan(g).interval is None  # learns every w at every t
+    gp = student_config(g, "progressive", teacher_path="g", steps=4)
+    assert gp.sample.guidance_interval == (0.0, 0.7) and guidance_plan(gp).interval is None
 
 
 # --------------------------------------------------------------------------- end to end

@@ -1,7 +1,13 @@
 import pytest
 import torch
 
-from mnistdiff.guidance import classifier_free, conditional, thresholded, unconditional
+from mnistdiff.guidance import (
+    classifier_free,
+    conditional,
+    guidance_input,
+    thresholded,
+    unconditional,
+)
 from mnistdiff.samplers import ddim, initial_sample
 from mnistdiff.schedules import build_schedule, time_grid
 
@@ -75,6 +81,27 @@ def test_interval(setup):
     out = fn(x, t_mixed)
     assert torch.allclose(out[inside], g[inside], atol=1e-6)
     assert torch.allclose(out[~inside], c[~inside], atol=1e-6)
+
+
+def test_interval_of_a_guidance_input_model(setup):
+    """A guidance-distilled model gets w inside the interval and w = 1 (conditional) outside,
+    in one pass per call."""
+    _, x, _, labels = setup
+    seen = []
+
+    def model(x, t, y, w):
+        seen.append(w.clone())
+        return x * w.view(-1, 1, 1, 1)
+
+    fn = guidance_input(model, labels, 2.5, interval=(0.2, 0.6))
+    t_mixed = torch.tensor([0.1, 0.3, 0.5, 0.7, 0.2, 0.6])
+    out = fn(x, t_mixed)
+    expected_w = torch.tensor([1.0, 2.5, 2.5, 1.0, 2.5, 2.5])
+    assert len(seen) == 1 and torch.equal(seen[0], expected_w)
+    assert torch.equal(out, x * expected_w.view(-1, 1, 1, 1))
+    assert torch.equal(guidance_input(model, labels, 2.5)(x, t_mixed), 2.5 * x)
+    with pytest.raises(ValueError, match="interval"):
+        guidance_input(model, labels, 2.5, interval=(0.7, 0.2))
 
 
 def test_rescale(setup):

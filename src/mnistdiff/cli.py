@@ -184,7 +184,7 @@ def cmd_sample(args) -> int:
     options = sampling_overrides(args)
     pipe.default_options(**options)  # an option the sampler does not take fails before sampling
     n_cls = pipe.spec.num_classes
-    if args.unconditional or not (pipe.conditional or args.classifier):
+    if args.unconditional or not (pipe.conditional or options.get("classifier")):
         labels, num, nrow = None, args.num or 64, 8
     elif args.per_class is not None:
         labels = label_tensor(per_class=args.per_class, num_classes=n_cls)
@@ -470,8 +470,10 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
         p.add_argument(
             flag,
             type=_config_flag(f"sample.{f.name}", flag),
+            # a key that may be null is absent unless given, so "--grid null" can override
+            default=argparse.SUPPRESS if f.default is None else None,
             metavar="T_LO,T_HI" if f.name == "guidance_interval" else None,
-            help=f.metadata["help"] + extra,
+            help=f.metadata["help"] + (" (null: none)" if f.default is None else "") + extra,
         )
     p.add_argument(
         "--nfe", type=positive_int, help="pick the steps giving this many network evaluations"
@@ -487,8 +489,10 @@ def sampling_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
     from .config import SampleOptions
 
+    given = vars(args)
+    nullable = {f.name for f in dataclasses.fields(SampleOptions) if f.default is None}
     names = [f.name for f in dataclasses.fields(SampleOptions)] + ["nfe"]
-    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    return {n: given[n] for n in names if n in given and (given[n] is not None or n in nullable)}
 
 
 def positive_int(text: str) -> int:

@@ -326,6 +326,15 @@ class DistillConfig:
     guidance: float = _opt(
         1.4, lo=0.0, hi=100.0, help="the teacher's w, baked into a student without a w input"
     )
+    guidance_interval: tuple[float, ...] | None = _opt(
+        None,
+        lo=0.0,
+        hi=1.0,
+        check=lambda v: (
+            None if len(v) == 2 and v[0] <= v[1] else "expected [t_lo, t_hi], t_lo <= t_hi"
+        ),
+        help="[t_lo, t_hi] where the baked-in w applies (1 elsewhere); null: at every t",
+    )
     guidance_min: float = _opt(1.0, lo=0.0, hi=100.0, help="w range drawn for a w-input student")
     guidance_max: float = _opt(3.0, lo=0.0, hi=100.0)
     pair_sampler: str = _opt("dpmpp_2m", help="reflow: the teacher's sampler for the pairs")
@@ -488,7 +497,7 @@ def parse_flag(cls: type, name: str, text: str, flag: str | None = None) -> Any:
     meta = {f.name: f.metadata for f in dataclasses.fields(cls)}[name]
     hint = typing.get_type_hints(cls)[name]
     flag = flag or "--" + name.replace("_", "-")
-    is_tuple = "tuple" in str(hint)
+    is_tuple = "tuple" in str(hint) and _yaml_value(text) is not None  # "null": no tuple
     value = [_yaml_value(v) for v in text.split(",")] if is_tuple else _yaml_value(text)
     return _convert(value, hint, flag, meta)
 

@@ -104,10 +104,7 @@ def classifier_free(
         raise ValueError(f"guidance scale must be finite, got {scale!r}")
     if not 0.0 <= rescale <= 1.0:
         raise ValueError(f"rescale must be in [0, 1], got {rescale!r}")
-    if interval is not None and not 0.0 <= interval[0] <= interval[1] <= 1.0:
-        raise ValueError(
-            f"interval must be (t_lo, t_hi) with 0 <= t_lo <= t_hi <= 1, got {interval}"
-        )
+    _check_interval(interval)
 
     def both(x: Tensor, t: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         null = torch.full_like(y, null_label)
@@ -125,7 +122,7 @@ def classifier_free(
     def denoise(x: Tensor, t: Tensor) -> Tensor:
         _check_batch(x, labels)
         y = labels.to(x.device)
-        mask = None if interval is None else (t >= interval[0]) & (t <= interval[1])
+        mask = interval_mask(t, interval)
         if scale == 1.0 or (mask is not None and not bool(mask.any())):
             return model(x, t, y)
         if mask is None or bool(mask.all()):
@@ -217,7 +214,13 @@ def classifier_guided(
     return guided
 
 
-def guidance_input(model: GuidanceInputModel, labels: Tensor, scale: float) -> Denoise:
+def guidance_input(
+    model: GuidanceInputModel,
+    labels: Tensor,
+    scale: float,
+    *,
+    interval: tuple[float, float] | None = None,
+) -> Denoise:
     """Guidance of a guidance-distilled model: ONE pass with the scale ``w`` as an input.
 
     The model (Meng et al. 2023, "On distillation of guided diffusion models") was trained so
@@ -228,6 +231,8 @@ def guidance_input(model: GuidanceInputModel, labels: Tensor, scale: float) -> D
         model: ``model(x, t, labels, w) -> x0_hat`` with ``w`` a float ``[B]``.
         labels: int64 [B] class labels.
         scale: guidance weight w (finite).
+        interval: ``(t_lo, t_hi)``: ``w = scale`` only there, ``w = 1`` (the conditional
+            prediction) elsewhere, as :func:`classifier_free` does.
 
     Returns:
         ``denoise(x, t) -> x0_hat``.
@@ -235,13 +240,32 @@ def guidance_input(model: GuidanceInputModel, labels: Tensor, scale: float) -> D
     _check_labels(labels)
     if not math.isfinite(scale):
         raise ValueError(f"guidance scale must be finite, got {scale!r}")
+    _check_interval(interval)
 
     def denoise(x: Tensor, t: Tensor) -> Tensor:
         _check_batch(x, labels)
         w = torch.full((x.shape[0],), float(scale), dtype=x.dtype, device=x.device)
-        return model(x, t, labels.to(x.device), w)
+        return model(x, t, labels.to(x.device), scale_in_interval(w, t, interval))
 
     return denoise
+
+
+def interval_mask(t: Tensor, interval: tuple[float, float] | None) -> Tensor | None:
+    """``t_lo <= t <= t_hi`` per example (bool ``[B]``), or None without an interval."""
+    return None if interval is None else (t >= interval[0]) & (t <= interval[1])
+
+
+def scale_in_interval(w: Tensor, t: Tensor, interval: tuple[float, float] | None) -> Tensor:
+    """Per-example scales ``w [B]`` where ``t`` is inside ``interval``, 1 (no guidance) outside."""
+    mask = interval_mask(t, interval)
+    return w if mask is None else torch.where(mask.to(w.device), w, torch.ones_like(w))
+
+
+def _check_interval(interval: tuple[float, float] | None) -> None:
+    if interval is not None and not 0.0 <= interval[0] <= interval[1] <= 1.0:
+        raise ValueError(
+            f"interval must be (t_lo, t_hi) with 0 <= t_lo <= t_hi <= 1, got {interval}"
+        )
 
 
 def thresholded(denoise: Denoise, mode: str, *, percentile: float = 0.995) -> Denoise:

@@ -90,12 +90,12 @@ def denoise_fn(
     if labels is None or not conditional:
         fn = unconditional(model, denoiser.null_label)
     elif denoiser.accepts_guidance:  # guidance-distilled: one pass with w as an input
-        if opts.guidance_rescale or opts.guidance_interval is not None:
+        if opts.guidance_rescale:
             raise ValueError(
-                "guidance rescale and interval need classifier-free guidance's two passes; "
-                "this guidance-distilled model takes the scale as an input (drop them)"
+                "guidance rescale needs classifier-free guidance's two passes; this "
+                "guidance-distilled model takes the scale as an input (drop it)"
             )
-        fn = guidance_input(model, labels, opts.guidance)
+        fn = guidance_input(model, labels, opts.guidance, interval=opts.guidance_interval)
     else:
         fn = classifier_free(
             model,

@@ -26,11 +26,12 @@ LossFn = Callable[[Denoiser, Denoiser, Batch, torch.Generator], Tensor]
 
 def guidance_plan(cfg: Config) -> GuidancePlan:
     """The scales of a step: a range for a student with a guidance input, else the fixed
-    ``distill.guidance`` (the teacher's own scale unless overridden), baked in."""
+    ``distill.guidance`` in ``distill.guidance_interval`` (the teacher's own scale and
+    interval unless overridden), baked in."""
     d = cfg.distill
     if cfg.model.guidance_embed:
         return GuidancePlan(d.guidance_min, d.guidance_max, student_input=True)
-    return GuidancePlan(d.guidance, d.guidance, student_input=False)
+    return GuidancePlan(d.guidance, d.guidance, student_input=False, interval=d.guidance_interval)
 
 
 def step_loss(cfg: Config) -> LossFn:

@@ -36,6 +36,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..guidance import scale_in_interval
 from ..parameterization import Denoiser, target_from_x0
 from .batch import Batch
 from .teacher import GuidancePlan, drop_labels, guided_x0
@@ -54,6 +55,8 @@ def two_step_target(
     student_steps: int,
     labels: Tensor | None,
     w: Tensor,
+    *,
+    interval: tuple[float, float] | None = None,
 ) -> Tensor:
     """The clean-image estimate whose one DDIM step ``t -> t - 1/N`` lands where the teacher's
     two steps ``t -> t - 1/(2N) -> t - 1/N`` land (the module docstring's ``x0_target``).
@@ -65,6 +68,8 @@ def two_step_target(
         student_steps: N.
         labels: int64 ``[B]`` or None.
         w: the teacher's guidance scales ``[B]``.
+        interval: ``(t_lo, t_hi)``: guide only there, 1 elsewhere (the teacher's sampler's
+            ``sample.guidance_interval``).
     """
     t = t.to(torch.float64)
     t_mid = t - 0.5 / student_steps
@@ -73,9 +78,9 @@ def two_step_target(
     a_m, s_m = teacher.coefficients(t_mid, x_t)
     a_e, s_e = teacher.coefficients(t_end, x_t)
     x_t = x_t.float()
-    x0_a = guided_x0(teacher, x_t, t.float(), labels, w)
+    x0_a = guided_x0(teacher, x_t, t.float(), labels, scale_in_interval(w, t, interval))
     z_mid = _ddim_step(x_t, x0_a, a_t, s_t, a_m, s_m)
-    x0_b = guided_x0(teacher, z_mid, t_mid.float(), labels, w)
+    x0_b = guided_x0(teacher, z_mid, t_mid.float(), labels, scale_in_interval(w, t_mid, interval))
     z_end = _ddim_step(z_mid, x0_b, a_m, s_m, a_e, s_e)
     ratio = s_e / s_t
     return (z_end - ratio * x_t) / (a_e - ratio * a_t)
@@ -114,7 +119,9 @@ def progressive_loss(
     labels = drop_labels(batch.labels, label_dropout, student.null_label, generator)
     a_t, s_t = student.coefficients(t, x0)
     x_t = a_t * x0 + s_t * noise  # [B, C, H, W]
-    x0_target = two_step_target(teacher, x_t, t, student_steps, labels, teacher_w)
+    x0_target = two_step_target(
+        teacher, x_t, t, student_steps, labels, teacher_w, interval=plan.interval
+    )
     target = target_from_x0(student.prediction, x0_target, x_t, a_t, s_t)
     pred = student.predict(x_t, t.float(), labels, student_w).float()
     return (pred - target).square().flatten(1).mean(dim=1)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..guidance import scale_in_interval
 from ..parameterization import Denoiser, prediction_target
 from ..samplers import get_sampler, initial_sample
 from ..schedules import sample_training_times, time_grid
@@ -83,7 +84,7 @@ def generate_pairs(
     ts = time_grid(teacher.schedule, grid, steps)
 
     def denoise(x: Tensor, t: Tensor) -> Tensor:
-        return guided_x0(teacher, x, t, labels, teacher_w)
+        return guided_x0(teacher, x, t, labels, scale_in_interval(teacher_w, t, plan.interval))
 
     x = initial_sample(teacher.schedule, ts, noise)
     out = get_sampler(sampler).fn(denoise, x, teacher.schedule, ts, generator=generator)

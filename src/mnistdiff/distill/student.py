@@ -5,10 +5,12 @@ The student is a normal model: its config is the teacher's with ``distill`` fill
 input) and the ``sample`` section set to how the student is meant to be sampled, so
 ``mnistdiff sample --checkpoint STUDENT`` needs no flags:
 
-- ``guidance``: the teacher's sampler, steps and scale; now one network pass per step.
+- ``guidance``: the teacher's sampler, steps, scale and guidance interval; now one network
+  pass per step.
 - ``progressive`` / ``reflow``: ``ddim`` (one Euler step on rectified flow) on the ``uniform``
   grid with ``distill.steps`` steps; scale 1 (plain conditional, one pass) when the guidance
-  is baked in, the teacher's scale when the student takes it as an input.
+  (and its interval, ``distill.guidance_interval``) is baked in, the teacher's scale and
+  interval when the student takes the scale as an input.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ def student_config(
         "method": method,
         "teacher": teacher_path,
         "guidance": w,
+        "guidance_interval": teacher.sample.guidance_interval,
     }
     if steps is not None:
         distill["steps"] = steps
@@ -95,11 +98,18 @@ def _with_sampling(cfg: Config) -> Config:
     """The ``sample`` section that samples this student as it was trained."""
     d, s = cfg.distill, cfg.sample
     if d.method == "guidance":
-        sample = dataclasses.replace(s, guidance=d.guidance)
+        sample = dataclasses.replace(s, guidance=d.guidance, guidance_interval=d.guidance_interval)
     else:
-        w = d.guidance if takes_guidance(cfg) else 1.0
+        # baked-in guidance (interval included): plain conditional, one pass per step
+        w, interval = (d.guidance, d.guidance_interval) if takes_guidance(cfg) else (1.0, None)
         sample = dataclasses.replace(
-            s, sampler="ddim", steps=d.steps, grid="uniform", eta=0.0, guidance=w
+            s,
+            sampler="ddim",
+            steps=d.steps,
+            grid="uniform",
+            eta=0.0,
+            guidance=w,
+            guidance_interval=interval,
         )
     return cfg.replace(sample=sample)
 

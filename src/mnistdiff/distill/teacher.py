@@ -61,12 +61,15 @@ class GuidancePlan:
             otherwise the scale is baked into it and it is called without one.
         teacher_scale: a fixed scale for the teacher (e.g. 1.0 for a teacher that already has
             the guidance baked in), or None to give the teacher the drawn ``w``.
+        interval: ``(t_lo, t_hi)``: the teacher is guided only there and plain conditional
+            elsewhere, as its sampler with ``sample.guidance_interval`` is.
     """
 
     w_min: float
     w_max: float
     student_input: bool
     teacher_scale: float | None = None
+    interval: tuple[float, float] | None = None
 
     def draw(
         self, n: int, generator: torch.Generator, device: torch.device | str
