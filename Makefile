@@ -7,8 +7,9 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 CONFIG ?= configs/quick.yaml
-# optional extras installed by `make install` (notebook: the test that executes the notebook)
-EXTRAS ?= dev,demo,notebook
+# optional extras installed by `make install` (notebook: the test that executes the notebook;
+# bench: diffusers, for the baseline-recipe tests, so no test skips)
+EXTRAS ?= dev,demo,notebook,bench
 RUN ?= runs/quick
 
 .PHONY: install demo test lint format clean
