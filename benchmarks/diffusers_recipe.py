@@ -251,9 +251,10 @@ def run(
     return stats, images, labels
 
 
-def training_data(data_dir: str | None = None) -> tuple[Tensor, Tensor]:
-    """MNIST training images in [-1, 1] and labels, as the package splits them (default config)."""
-    overrides = [f"data.data_dir={data_dir}"] if data_dir else []
+def training_data(data_dir: str | None = None, sets: tuple[str, ...] = ()) -> tuple[Tensor, Tensor]:
+    """Training images in [-1, 1] and labels, as the package splits them (default config, with
+    ``data.*`` overrides ``sets``)."""
+    overrides = [*sets] + ([f"data.data_dir={data_dir}"] if data_dir else [])
     data = load_train_data(load_config(None, overrides))
     return data.train_x, data.train_y
 
@@ -266,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", help="folder with the MNIST IDX files (else $MNIST_DIR)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="data.* override of the split, e.g. data.dataset=synthetic")  # fmt: skip
     p.add_argument("--tiny", action="store_true", help="toy network, 3 DDIM steps: seconds")
     p.add_argument("--save-npz", help="write images and labels (for mnistdiff evaluate)")
     p.add_argument("--out", help="also write the JSON here")
@@ -277,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     recipe = DiffusersRecipe(precision=args.precision, seed=args.seed)
     if args.tiny:
         recipe = replace(recipe, **TINY)
-    x, y = training_data(args.data_dir)
+    x, y = training_data(args.data_dir, tuple(args.set))
     stats, images, labels = run(
         recipe, minutes, num, x=x, y=y, seed=args.seed, log=lambda m: print(m, file=sys.stderr)
     )

@@ -210,12 +210,15 @@ def test_quality_budget_tiny(synthetic_data, tmp_path):
 
 
 @pytest.mark.skipif(not HAS_DIFFUSERS, reason="diffusers not installed (optional extra)")
-def test_diffusers_recipe_script_tiny(real_mnist, tmp_path, capsys):
+def test_diffusers_recipe_script_tiny(synthetic_data, tmp_path, capsys):
     # in-process (the subprocess runs above already import it as a script's module)
     import diffusers_recipe as dr
 
     npz, out = tmp_path / "dd.npz", tmp_path / "dd.json"
-    assert dr.main(["--tiny", "--minutes", "0.005", "--save-npz", str(npz), "--out", str(out)]) == 0
+    data = ["--set", "data.dataset=synthetic", "--set", "data.val_size=100"]
+    data += ["--data-dir", synthetic_data]
+    argv = ["--tiny", "--minutes", "0.005", "--save-npz", str(npz), "--out", str(out), *data]
+    assert dr.main(argv) == 0
     stats = json.loads(capsys.readouterr().out)
     assert json.loads(out.read_text()) == stats
     assert stats["steps"] >= 1 and stats["nfe"] == stats["sampler_steps"] == 3

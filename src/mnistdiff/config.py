@@ -70,6 +70,19 @@ def _opt(
     return field(default=default, metadata=meta)
 
 
+def _interval_opt(help: str) -> Any:  # noqa: A002
+    """An optional ``[t_lo, t_hi]`` time interval in [0, 1] (default None: every t)."""
+    return _opt(
+        None,
+        lo=0.0,
+        hi=1.0,
+        check=lambda v: (
+            None if len(v) == 2 and v[0] <= v[1] else "expected [t_lo, t_hi], t_lo <= t_hi"
+        ),
+        help=help,
+    )
+
+
 def _registry(module: str, name: str) -> Callable[[], tuple[str, ...]]:
     """Choices read from ``module.name`` when checked (for registries that import this module)."""
 
@@ -198,14 +211,8 @@ class _SampleOptionsBase:
     steps: int = _opt(10, lo=1, hi=100000, help="dpmpp_2m at 10 NFE: best FD in the README sweep")
     guidance: float = _opt(2.0, lo=0.0, hi=100.0, help="u + w(c - u); 1 = plain conditional")
     guidance_rescale: float = _opt(0.0, lo=0.0, hi=1.0, help="CFG-rescale phi; 0 disables")
-    guidance_interval: tuple[float, ...] | None = _opt(
-        None,
-        lo=0.0,
-        hi=1.0,
-        check=lambda v: (
-            None if len(v) == 2 and v[0] <= v[1] else "expected [t_lo, t_hi], t_lo <= t_hi"
-        ),
-        help="[t_lo, t_hi]: guide only there; null: at every t",
+    guidance_interval: tuple[float, ...] | None = _interval_opt(
+        "[t_lo, t_hi]: guide only there; null: at every t"
     )
     grid: str | None = _opt(None, choices=GRID_KINDS, help="time grid; null: the sampler's own")
     threshold: str = _opt("clip", choices=THRESHOLD_MODES, help="x0 refinement while sampling")
@@ -326,14 +333,8 @@ class DistillConfig:
     guidance: float = _opt(
         1.4, lo=0.0, hi=100.0, help="the teacher's w, baked into a student without a w input"
     )
-    guidance_interval: tuple[float, ...] | None = _opt(
-        None,
-        lo=0.0,
-        hi=1.0,
-        check=lambda v: (
-            None if len(v) == 2 and v[0] <= v[1] else "expected [t_lo, t_hi], t_lo <= t_hi"
-        ),
-        help="[t_lo, t_hi] where the baked-in w applies (1 elsewhere); null: at every t",
+    guidance_interval: tuple[float, ...] | None = _interval_opt(
+        "[t_lo, t_hi] where the baked-in w applies (1 elsewhere); null: at every t"
     )
     guidance_min: float = _opt(1.0, lo=0.0, hi=100.0, help="w range drawn for a w-input student")
     guidance_max: float = _opt(3.0, lo=0.0, hi=100.0)
