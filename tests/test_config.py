@@ -22,7 +22,7 @@ def test_defaults_valid_and_round_trip():
     assert from_dict(to_dict(cfg)) == cfg
 
 
-@pytest.mark.parametrize("name", ["smoke", "unet", "quick", "dit"])
+@pytest.mark.parametrize("name", ["smoke", "unet", "quick", "quick30", "dit"])
 def test_shipped_configs_load_and_round_trip(name, tmp_path):
     path = ROOT / "configs" / f"{name}.yaml"  # a missing shipped config fails the test
     cfg = load_config(path)
@@ -30,6 +30,19 @@ def test_shipped_configs_load_and_round_trip(name, tmp_path):
     save_config(cfg, out)
     assert load_config(out) == cfg
     assert from_dict(yaml.safe_load(out.read_text())) == cfg
+
+
+def test_quick30_is_quick_with_more_capacity_only():
+    """configs/quick30.yaml says which keys it changes; anything else drifting apart fails."""
+    quick, quick30 = (load_config(ROOT / "configs" / f"{n}.yaml") for n in ("quick", "quick30"))
+    changed = {key for key, _, _ in diff(quick, quick30)}
+    assert changed == {
+        "model.unet.channels",
+        "model.unet.channel_mults",
+        "train.time_budget_minutes",
+        "sample.guidance",
+    }
+    assert quick30.train.time_budget_minutes == 3 * quick.train.time_budget_minutes
 
 
 def test_overrides_types_and_nesting():
