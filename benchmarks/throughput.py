@@ -14,7 +14,8 @@ For every recipe (a config file) and precision, side by side in one process:
 - a ``torch.profiler`` breakdown of training steps (top ops by self CPU time).
 
 JSON goes to stdout (and ``--out``); progress goes to stderr. ``--tiny`` runs in seconds.
-Example: ``python benchmarks/throughput.py --configs configs/quick.yaml --out tp.json``.
+Example: ``python benchmarks/throughput.py --configs configs/quick.yaml --out tp.json``;
+``--batch-size 32 64`` measures each recipe at both batch sizes in the same run.
 """
 
 from __future__ import annotations
@@ -383,6 +384,7 @@ def bench_recipe(recipe: Recipe, args, peaks: dict, workdir: Path) -> dict[str, 
     """Every measurement of one recipe, each precision side by side."""
     cfg = recipe.cfg
     s = cfg.sample
+    workdir = workdir / f"{recipe.name}-b{cfg.train.batch_size}"
     out: dict[str, Any] = {
         "name": recipe.name,
         "config": recipe.source,
@@ -396,7 +398,7 @@ def bench_recipe(recipe: Recipe, args, peaks: dict, workdir: Path) -> dict[str, 
     per_precision = {}
     for precision in args.precisions:
         log(f"[{recipe.name}] {precision}: training")
-        res = measure_training(cfg, precision, args.seconds, args.warmup, workdir / recipe.name)
+        res = measure_training(cfg, precision, args.seconds, args.warmup, workdir)
         pipe = Pipeline.load(res.pop("run_dir"), device=cfg.train.device, precision=precision)
         if "train_flops_per_image" not in out:
             out.update(model_flops(pipe))
@@ -411,7 +413,7 @@ def bench_recipe(recipe: Recipe, args, peaks: dict, workdir: Path) -> dict[str, 
     if args.profile_steps:
         log(f"[{recipe.name}] profiling {args.profile_steps} steps ({cfg.train.precision})")
         out["profile"] = profile_training(
-            cfg, cfg.train.precision, args.profile_steps, args.warmup, workdir / recipe.name
+            cfg, cfg.train.precision, args.profile_steps, args.warmup, workdir
         )
     return out
 
@@ -474,8 +476,8 @@ def bench_diffusers(args, peaks: dict, cfg: Config) -> dict[str, Any]:
     from mnistdiff.data import DataSpec
 
     recipe = replace(dr.DiffusersRecipe(), **dr.TINY) if args.tiny else dr.DiffusersRecipe()
-    if args.batch_size:
-        recipe = replace(recipe, batch_size=args.batch_size)
+    if args.batch_sizes:
+        recipe = replace(recipe, batch_size=args.batch_sizes[0])
     data = load_train_data(cfg)
     model, spec = dr.build(recipe), DataSpec(channels=1, size=28, num_classes=10)
     out: dict[str, Any] = {
@@ -547,7 +549,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--configs", nargs="+", help=f"recipes (default: {' '.join(DEFAULT_CONFIGS)})")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override applied to every recipe (repeatable)")  # fmt: skip
-    p.add_argument("--batch-size", type=int, help="training batch size (default: the recipe's)")
+    p.add_argument("--batch-size", "--batch-sizes", dest="batch_sizes", type=int, nargs="+",
+                   help="training batch size(s): each recipe is measured at each, in one run "
+                   "(default: the recipe's)")  # fmt: skip
     p.add_argument("--sample-batch", type=int, help="images per sampling call (default ≤ 256)")
     p.add_argument("--seconds", type=float, help="timed seconds per measurement (default 10)")
     p.add_argument("--warmup", type=int, help="untimed warm-up steps per run (default 5)")
@@ -572,14 +576,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--seconds must be > 0; --warmup and --profile-steps >= 0")
     if min(args.matmul_sizes) < 1:
         p.error(f"--matmul-sizes must be >= 1, got {args.matmul_sizes}")
+    if args.batch_sizes and min(args.batch_sizes) < 1:
+        p.error(f"--batch-size must be >= 1, got {args.batch_sizes}")
     return args
 
 
 def recipe_overrides(args: argparse.Namespace) -> list[str]:
-    """Command-line flags as config overrides."""
+    """Command-line flags (but the batch sizes) as config overrides."""
     out = list(args.set)
-    if args.batch_size:
-        out.append(f"train.batch_size={args.batch_size}")
     if args.device:
         out.append(f"train.device={args.device}")
     if args.data_dir:
@@ -587,16 +591,23 @@ def recipe_overrides(args: argparse.Namespace) -> list[str]:
     return out
 
 
+def load_recipes(args: argparse.Namespace, overrides: list[str]) -> list[Recipe]:
+    """Every recipe at every ``--batch-size`` (at its own batch size when none is given)."""
+    recipes: list[Recipe] = []
+    for batch in [[f"train.batch_size={b}"] for b in args.batch_sizes or ()] or [[]]:
+        if args.tiny:
+            recipes += tiny_recipes(overrides + batch)
+        else:
+            recipes += [load_recipe(c, overrides + batch) for c in args.configs or DEFAULT_CONFIGS]
+    return recipes
+
+
 def main(argv: list[str] | None = None) -> int:
     """Benchmark every recipe; print the JSON."""
     args = parse_args(argv)
     overrides = recipe_overrides(args)
     try:
-        recipes = (
-            tiny_recipes(overrides)
-            if args.tiny
-            else [load_recipe(c, overrides) for c in args.configs or DEFAULT_CONFIGS]
-        )
+        recipes = load_recipes(args, overrides)
         if args.baseline == "diffusers":
             import diffusers  # noqa: F401  (fail before measuring, not after)
     except (ConfigError, ImportError) as exc:

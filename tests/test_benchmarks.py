@@ -102,6 +102,15 @@ def _check_throughput_recipe(r: dict, peaks: dict) -> None:
     assert r["bf16_speedup_train"] == pytest.approx(speedup)
 
 
+def test_throughput_measures_each_batch_size_in_one_run(synthetic_data, tmp_path):
+    args = ("--precisions", "fp32", "--profile-steps", "0", "--batch-size", "4", "8")
+    result = run_script("throughput.py", tmp_path, synthetic_data, *args)
+    recipes = result["recipes"]
+    assert [(r["name"], r["batch_size"]) for r in recipes] == [("smoke", 4), ("smoke", 8)]
+    for r in recipes:
+        assert _positive(r["precisions"]["fp32"]["train_images_per_sec"])
+
+
 def test_throughput_tiny(synthetic_data, tmp_path):
     extra = ("--baseline", "diffusers") if HAS_DIFFUSERS else ()
     result = run_script("throughput.py", tmp_path, synthetic_data, *extra)
