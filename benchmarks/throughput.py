@@ -551,7 +551,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="config override applied to every recipe (repeatable)")  # fmt: skip
     p.add_argument("--batch-size", "--batch-sizes", dest="batch_sizes", type=int, nargs="+",
                    help="training batch size(s): each recipe is measured at each, in one run "
-                   "(default: the recipe's)")  # fmt: skip
+                   "(default: the recipe's; the diffusers baseline takes the first)")  # fmt: skip
     p.add_argument("--sample-batch", type=int, help="images per sampling call (default ≤ 256)")
     p.add_argument("--seconds", type=float, help="timed seconds per measurement (default 10)")
     p.add_argument("--warmup", type=int, help="untimed warm-up steps per run (default 5)")
