@@ -16,8 +16,8 @@ fi
 run="${1:?run directory}"
 name="${2:?asset name}"
 mnistdiff sample --checkpoint "$run" --per-class 8 --seed 0 --out "docs/assets/${name}_samples.png"
-# docs/assets/quick24_samples.png (the README's first picture): this command on the seed-2
-# 10-minute run of docs/results.md "The quick recipe now" (run name quick24).
+# docs/assets/quick24_samples.png (the README's first picture): this command on the AVX2 seed-0
+# 10-minute run of docs/results.md "Batch 64" (configs/quick.yaml as shipped, name quick24).
 # docs/assets/quick_samples.png and dit_samples.png were written by benchmarks/quality_budget.py
 # (--out-dir keeps the grid of the first 80 evaluated samples, 8 per class; the README gives each
 # command); the command above makes the same kind of grid from any run.
