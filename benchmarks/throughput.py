@@ -175,7 +175,8 @@ def best_peaks(before: dict, after: dict) -> dict[str, dict[str, Any]]:
     """Per precision and size, the faster of two :func:`matmul_peaks` passes.
 
     The peaks are measured before and after the recipes: this machine's speed drifts, and a
-    slow pass would inflate every MFU (one run read fp32 102 GFLOP/s before, 184 after).
+    slow pass would inflate every MFU (one pass read fp32 102 GFLOP/s where the others of
+    the same hour read 184-201).
     """
     out = {}
     for name in before:
